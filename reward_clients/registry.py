@@ -1,0 +1,45 @@
+"""The reward clients a server was configured with, looked up by name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from reward_clients.base import RewardClient
+
+
+class UnknownRewardError(LookupError):
+    """A request named a reward client the server does not have."""
+
+    def __init__(self, name: str | None, valid: list[str]) -> None:
+        if name is None:
+            message = "this strategy needs a reward client, but the server has no default; "
+        else:
+            message = f"unknown reward client {name!r}; "
+        message += f"configured reward clients: {', '.join(valid) or '(none)'}"
+        super().__init__(message)
+        self.name = name
+        self.valid = valid
+
+
+class RewardRegistry:
+    """Named reward clients plus the default one. Built once from server configuration."""
+
+    def __init__(self, clients: Mapping[str, RewardClient], default: str | None = None) -> None:
+        if default is not None and default not in clients:
+            raise ValueError(f"default reward {default!r} is not among {sorted(clients)}")
+        self._clients = dict(clients)
+        self.default = default if default is not None else (next(iter(clients), None))
+
+    def names(self) -> list[str]:
+        return sorted(self._clients)
+
+    def get(self, name: str | None = None) -> RewardClient:
+        """The client called ``name`` (the default for ``None``); raises UnknownRewardError."""
+        key = name if name is not None else self.default
+        if key is None or key not in self._clients:
+            raise UnknownRewardError(name, self.names())
+        return self._clients[key]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()

@@ -1,0 +1,113 @@
+"""``ttalign``: the command line. Every setting is a flag and a ``TTALIGN_*`` variable.
+
+Flags are generated from :class:`~server.settings.ServerSettings`, so ``--help`` always
+documents every setting, with its environment variable and default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import ValidationError
+
+from server.settings import ServerSettings
+
+ENV_PREFIX = "TTALIGN_"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _value_type(annotation: Any) -> Any:
+    options = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    for candidate in (int, float, Path):
+        if candidate in options:
+            return candidate
+    return str
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field; unset flags fall back to the environment, then defaults."""
+    for name, field in ServerSettings.model_fields.items():
+        help_text = (
+            f"{field.description} [env {ENV_PREFIX}{name.upper()}; default: {field.default}]"
+        )
+        if field.annotation is bool:
+            parser.add_argument(
+                _flag(name),
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                _flag(name),
+                type=_value_type(field.annotation),
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=name.upper(),
+            )
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
+    return ServerSettings(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ttalign", description="Test-time alignment inference server (OpenAI-compatible)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="Serve the OpenAI-compatible API.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_settings_arguments(serve)
+    prepare = commands.add_parser(
+        "prepare-model", help="Convert the embedded SmolLM2 model into a cached HF folder."
+    )
+    add_settings_arguments(prepare)
+    return parser
+
+
+def serve(settings: ServerSettings) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        sys.exit(f"ttalign: invalid settings:\n{exc}")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "prepare-model":
+        from server.engine.factory import resolve_model_path
+
+        print(resolve_model_path(settings))
+    else:
+        serve(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The engine interface: the only contract strategies have with a language model.
+
+Strategies depend on :class:`EngineClient` and the plain dataclasses here, never on
+vLLM, so they run unchanged against the in-process vLLM engine, a remote one, or the
+scripted fake engine in ``tests/fakes.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "abort"]
+
+#: A prompt is either rendered text or token ids (token ids skip a second tokenization).
+Prompt = str | list[int]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Sampling parameters for one engine call that returns ``n`` completions."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    #: ``None``: no log-probabilities; ``k >= 0``: the sampled token plus the top ``k``.
+    logprobs: int | None = None
+    #: Keep generating past end-of-sequence until ``max_tokens`` (benchmarks use it).
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token and its top alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished completion of an engine call."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of one engine call: ``n`` completions of one prompt."""
+
+    prompt_tokens: int
+    completions: tuple[Completion, ...]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.completions)
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """New output of completion ``index`` since the previous delta of a stream."""
+
+    index: int
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    #: Set on every delta; lets the consumer report usage without a second call.
+    prompt_tokens: int = 0
+
+
+@dataclass
+class EngineHealth:
+    """What ``/health`` reports about the engine."""
+
+    healthy: bool
+    running_requests: int
+    detail: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """An LLM engine that renders chats and samples completions.
+
+    Cancelling the task awaiting :meth:`generate`, or closing a :meth:`stream`, must abort
+    the underlying engine request.
+    """
+
+    @property
+    def model_name(self) -> str:
+        """The name this engine's model is served under."""
+        ...
+
+    @property
+    def max_model_len(self) -> int:
+        """The context window in tokens."""
+        ...
+
+    def render_chat(
+        self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
+    ) -> list[int]:
+        """Render messages with the model's chat template into prompt token ids.
+
+        With ``continue_final_message`` the last (assistant) message is left open, so a
+        generation continues it instead of starting a new turn.
+        """
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """The number of tokens ``text`` encodes to, without special tokens."""
+        ...
+
+    async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
+        """Sample ``sampling.n`` completions of ``prompt`` in one batched request."""
+        ...
+
+    def stream(self, prompt: Prompt, sampling: SamplingSettings) -> AsyncIterator[CompletionDelta]:
+        """Sample like :meth:`generate`, yielding output token by token as it is produced."""
+        ...
+
+    async def health(self) -> EngineHealth:
+        """Report whether the engine can serve, and how many requests it is running."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop the engine and release its resources."""
+        ...
+
+
+class EngineRequestError(ValueError):
+    """The engine refused a request as invalid (e.g. the prompt exceeds the context).
+
+    ``param`` names the offending request parameter when the engine said which.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

@@ -1,0 +1,47 @@
+"""Build the engine a server was configured with, and warm it up."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from server.engine.base import EngineClient, SamplingSettings
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(settings: ServerSettings) -> str:
+    """The model folder to serve: the configured one, or the prepared embedded model."""
+    if settings.model:
+        return settings.model
+    from server.model_prep import prepare_embedded_model
+
+    return str(prepare_embedded_model(settings.cache_dir))
+
+
+def build_engine(settings: ServerSettings) -> EngineClient:
+    """Start the in-process vLLM engine (spawns vLLM's engine-core process)."""
+    from server.engine.vllm_engine import VllmEngine
+
+    model_path = resolve_model_path(settings)
+    return VllmEngine.start(
+        model_path,
+        model_name=settings.resolved_model_name(model_path),
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        max_num_seqs=settings.max_num_seqs,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        seed=settings.seed,
+        enforce_eager=settings.enforce_eager,
+    )
+
+
+async def warm_up(engine: EngineClient) -> None:
+    """One short generation, so that the first user request does not pay for warm-up."""
+    started = time.monotonic()
+    prompt = engine.render_chat([{"role": "user", "content": "Hello"}])
+    await engine.generate(prompt, SamplingSettings(n=2, max_tokens=4, temperature=1.0, seed=0))
+    logger.info("engine warmed up in %.1f s", time.monotonic() - started)

@@ -1,0 +1,228 @@
+"""The in-process engine: vLLM's ``AsyncLLM``. The only module that imports vLLM."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from server.engine.base import (
+    Completion,
+    CompletionDelta,
+    EngineHealth,
+    EngineRequestError,
+    Generation,
+    Prompt,
+    SamplingSettings,
+    TokenLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+# vLLM names the prompt by its internals; the API knows it as the messages.
+_PROMPT_PARAMETERS = {
+    "input_tokens": "messages",
+    "prompt": "messages",
+    "prompt_token_ids": "messages",
+}
+
+
+class VllmEngine:
+    """An :class:`~server.engine.base.EngineClient` over an in-process ``AsyncLLM``."""
+
+    def __init__(self, llm: Any, model_name: str) -> None:
+        self._llm = llm
+        self._model_name = model_name
+        self._tokenizer = llm.get_tokenizer()
+        self._max_model_len = int(llm.model_config.max_model_len)
+        self._running: set[str] = set()
+
+    @classmethod
+    def start(
+        cls,
+        model_path: str,
+        *,
+        model_name: str,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float = 0.3,
+        tensor_parallel_size: int = 1,
+        max_num_seqs: int = 64,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        enforce_eager: bool = False,
+    ) -> VllmEngine:
+        """Build the engine (this spawns vLLM's engine-core process)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=model_path,
+            served_model_name=[model_name],
+            dtype=dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            max_num_seqs=max_num_seqs,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+            enforce_eager=enforce_eager,
+        )
+        return cls(AsyncLLM.from_engine_args(args), model_name)
+
+    # --- EngineClient ---------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def render_chat(
+        self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
+    ) -> list[int]:
+        rendered = self._tokenizer.apply_chat_template(
+            list(messages),
+            tokenize=True,
+            add_generation_prompt=not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
+        # transformers 5 returns a BatchEncoding-like mapping; older versions a list.
+        ids = (
+            rendered["input_ids"]
+            if isinstance(rendered, dict) or hasattr(rendered, "keys")
+            else rendered
+        )
+        return list(ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
+        from vllm.sampling_params import RequestOutputKind
+
+        final = None
+        async for output in self._run(prompt, sampling, RequestOutputKind.FINAL_ONLY):
+            final = output
+        assert final is not None, "vLLM finished a request without output"
+        completions = tuple(
+            Completion(
+                index=out.index,
+                text=out.text,
+                token_ids=tuple(out.token_ids),
+                finish_reason=_finish_reason(out.finish_reason),
+                logprobs=self._logprobs(out.logprobs, out.token_ids, sampling),
+            )
+            for out in sorted(final.outputs, key=lambda o: o.index)
+        )
+        return Generation(prompt_tokens=len(final.prompt_token_ids or ()), completions=completions)
+
+    async def stream(
+        self, prompt: Prompt, sampling: SamplingSettings
+    ) -> AsyncIterator[CompletionDelta]:
+        from vllm.sampling_params import RequestOutputKind
+
+        async for output in self._run(prompt, sampling, RequestOutputKind.DELTA):
+            prompt_tokens = len(output.prompt_token_ids or ())
+            for out in output.outputs:
+                if not out.token_ids and out.finish_reason is None:
+                    continue
+                yield CompletionDelta(
+                    index=out.index,
+                    text=out.text,
+                    num_tokens=len(out.token_ids),
+                    finish_reason=_finish_reason(out.finish_reason),
+                    logprobs=self._logprobs(out.logprobs, out.token_ids, sampling),
+                    prompt_tokens=prompt_tokens,
+                )
+
+    async def health(self) -> EngineHealth:
+        try:
+            await self._llm.check_health()
+        except Exception as exc:  # the engine reports its death as an exception
+            return EngineHealth(False, len(self._running), detail=str(exc) or type(exc).__name__)
+        return EngineHealth(
+            True,
+            len(self._running),
+            extra={"engine_unfinished_requests": self._llm.get_num_unfinished_requests()},
+        )
+
+    def engine_running_requests(self) -> int:
+        """Requests vLLM itself still holds (used to prove aborts reach the engine)."""
+        return int(self._llm.get_num_unfinished_requests())
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _run(
+        self, prompt: Prompt, sampling: SamplingSettings, kind: Any
+    ) -> AsyncIterator[Any]:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+
+        request_id = f"ttalign-{uuid.uuid4().hex}"
+        try:
+            params = self._sampling_params(SamplingParams, sampling, kind)
+            token_ids = prompt if isinstance(prompt, list) else self._tokenizer.encode(prompt)
+            self._running.add(request_id)
+            # Closing or cancelling this generator makes vLLM abort the request itself.
+            async for output in self._llm.generate(
+                {"prompt_token_ids": list(token_ids)}, params, request_id
+            ):
+                yield output
+        except VLLMClientError as exc:
+            parameter = getattr(exc, "parameter", None)
+            raise EngineRequestError(
+                _vllm_message(exc), param=_PROMPT_PARAMETERS.get(parameter, parameter)
+            ) from None
+        finally:
+            self._running.discard(request_id)
+
+    @staticmethod
+    def _sampling_params(factory: Any, sampling: SamplingSettings, kind: Any) -> Any:
+        return factory(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            logprobs=sampling.logprobs,
+            ignore_eos=sampling.ignore_eos,
+            output_kind=kind,
+        )
+
+    def _logprobs(
+        self, raw: Any, token_ids: Sequence[int], sampling: SamplingSettings
+    ) -> tuple[TokenLogprob, ...] | None:
+        if sampling.logprobs is None or raw is None:
+            return None
+        result = []
+        for token_id, position in zip(token_ids, raw, strict=False):
+            ranked = sorted(position.items(), key=lambda item: item[1].logprob, reverse=True)
+            top = tuple(
+                (self._token_text(tid, lp), lp.logprob) for tid, lp in ranked[: sampling.logprobs]
+            )
+            chosen = position[token_id]
+            result.append(TokenLogprob(self._token_text(token_id, chosen), chosen.logprob, top))
+        return tuple(result)
+
+    def _token_text(self, token_id: int, logprob: Any) -> str:
+        decoded = getattr(logprob, "decoded_token", None)
+        return decoded if decoded is not None else self._tokenizer.decode([token_id])
+
+
+def _vllm_message(exc: Exception) -> str:
+    # vLLM appends "(parameter=..., value=...)" to str(); the bare message reads better.
+    return exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+
+
+def _finish_reason(reason: str | None) -> Any:
+    if reason is None:
+        return None
+    return "length" if reason == "length" else ("abort" if reason == "abort" else "stop")

@@ -1,0 +1,123 @@
+"""Request schema of ``POST /v1/chat/completions``: OpenAI's fields plus ttalign's own."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 16
+
+
+class OpenAIBaseModel(BaseModel):
+    """Accepts fields it does not know (clients send many) and logs that it ignored them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_ignored_fields(self) -> OpenAIBaseModel:
+        if self.model_extra:
+            logger.debug("ignoring unsupported fields %s", sorted(self.model_extra))
+        return self
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(OpenAIBaseModel):
+    """OpenAI chat completion request. Range checks here give 400s naming the param."""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    user: str | None = None
+    ignore_eos: bool = Field(
+        False, description="vLLM extension: generate max_tokens even past end-of-sequence."
+    )
+
+    # --- ttalign extensions (clients send them through ``extra_body``) --------------------
+    strategy: str | None = Field(
+        None, description="Alignment strategy; GET /v1/strategies lists them."
+    )
+    strategy_config: dict[str, Any] | None = Field(
+        None, description="Settings of the chosen strategy, validated by its own schema."
+    )
+    reward: str | None = Field(
+        None, description="Name of a reward client configured on the server."
+    )
+    return_trace: bool = Field(
+        False, description="Return every candidate, reward and critique of the search."
+    )
+    deadline_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock budget; multi-round strategies stop and return their best "
+        "so far when it passes.",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        sequences = [stop] if isinstance(stop, str) else stop or []
+        if len(sequences) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(not s for s in sequences):
+            raise ValueError("stop sequences must not be empty")
+        return stop
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_is_a_name(cls, reward: str | None) -> str | None:
+        # Reward clients are defined only in server configuration; anything URL-like is
+        # refused here so that no request can point the server at an address.
+        if reward is not None and ("://" in reward or "/" in reward or ":" in reward):
+            raise ValueError(
+                "reward must be the name of a reward client configured on the server, "
+                "not a URL or address"
+            )
+        return reward
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)

@@ -1,0 +1,345 @@
+"""Chat completion serving: validate a request, run its strategy, shape the answer.
+
+Built once at start-up and kept on ``app.state``; routes only call into it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from reward_clients.registry import RewardRegistry, UnknownRewardError
+from server.engine.base import EngineClient, EngineRequestError, SamplingSettings
+from server.engine.metering import MeteredEngine
+from server.errors import (
+    APIError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    to_api_error,
+    validation_error,
+)
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest
+from server.responses import DONE_FRAME, ResponseHeader, delta_choice, sse, usage
+from server.settings import ServerSettings
+from strategies import get_strategy, strategy_names
+from strategies.base import (
+    AlignmentRequest,
+    DeltaEvent,
+    ProgressEvent,
+    RewardResolver,
+    Strategy,
+    StrategyConfig,
+    StrategyContext,
+    StrategyResult,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+#: Status recorded for requests whose client disconnected (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, ready to run."""
+
+    request: ChatCompletionRequest
+    strategy: Strategy[Any]
+    config: StrategyConfig
+    context: StrategyContext
+    header: ResponseHeader
+    started: float
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """Parse and validate a request body; every failure is a 400 naming the param."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(
+            f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+
+
+class ChatCompletionService:
+    """Serves ``/v1/chat/completions`` for one engine."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        settings: ServerSettings,
+        metrics: Metrics,
+        rewards: RewardRegistry,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.rewards = rewards
+
+    # --- validation -------------------------------------------------------------------------
+
+    def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
+        """Check the request against server policy and build its strategy context."""
+        started = time.monotonic()
+        if request.model != self.engine.model_name:
+            raise ModelNotFoundError(request.model, self.engine.model_name)
+        strategy = self._strategy(request.strategy)
+        config = self._strategy_config(strategy, request.strategy_config)
+        self._check_limits(request)
+        if strategy.uses_reward or request.reward is not None:
+            self._check_reward(request.reward, getattr(config, "reward", None))
+
+        deadlines = [
+            d
+            for d in (request.deadline_seconds, self.settings.request_timeout_seconds)
+            if d is not None
+        ]
+        context = StrategyContext(
+            request=self._alignment_request(request),
+            engine=MeteredEngine(self.engine),
+            rewards=RewardResolver(self.rewards.get),
+            deadline=started + min(deadlines) if deadlines else None,
+        )
+        return PreparedRequest(
+            request, strategy, config, context, ResponseHeader(self.engine.model_name), started
+        )
+
+    def _strategy(self, name: str | None) -> Strategy[Any]:
+        name = name or self.settings.default_strategy
+        strategy = get_strategy(name)
+        if strategy is None:
+            raise InvalidRequestError(
+                f"Unknown strategy {name!r}. Valid strategies: {', '.join(strategy_names())}.",
+                param="strategy",
+                code="unknown_strategy",
+            )
+        return strategy
+
+    @staticmethod
+    def _strategy_config(strategy: Strategy[Any], raw: dict[str, Any] | None) -> StrategyConfig:
+        try:
+            return strategy.config_model.model_validate(raw or {})
+        except ValidationError as exc:
+            error = validation_error(exc.errors())
+            error.param = "strategy_config" + (f".{error.param}" if error.param else "")
+            error.message = f"Invalid strategy_config for {strategy.name!r}: {error.message}"
+            raise error from None
+
+    def _check_limits(self, request: ChatCompletionRequest) -> None:
+        s = self.settings
+        if request.n > s.max_n:
+            raise InvalidRequestError(
+                f"n is {request.n}, but this server allows at most {s.max_n}.",
+                param="n",
+                code="invalid_value",
+            )
+        max_tokens = request.requested_max_tokens()
+        if max_tokens is not None and max_tokens > s.max_tokens_cap:
+            param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+            raise InvalidRequestError(
+                f"{param} is {max_tokens}, but this server allows at most {s.max_tokens_cap}.",
+                param=param,
+                code="invalid_value",
+            )
+        if request.top_logprobs and not request.logprobs:
+            raise InvalidRequestError(
+                "top_logprobs requires logprobs to be true.", param="top_logprobs"
+            )
+        if request.stream_options is not None and not request.stream:
+            raise InvalidRequestError(
+                "stream_options is only allowed when stream is true.", param="stream_options"
+            )
+
+    def _check_reward(self, requested: str | None, configured: str | None) -> None:
+        try:
+            self.rewards.get(configured or requested)
+        except UnknownRewardError as exc:
+            param = "strategy_config.reward" if configured else "reward"
+            raise InvalidRequestError(str(exc), param=param, code="unknown_reward") from None
+
+    def _alignment_request(self, request: ChatCompletionRequest) -> AlignmentRequest:
+        max_tokens = request.requested_max_tokens() or self.settings.default_max_tokens
+        sampling = SamplingSettings(
+            n=1,
+            temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
+            top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
+            max_tokens=max_tokens,
+            stop=request.stop_sequences(),
+            seed=request.seed,
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+            ignore_eos=request.ignore_eos,
+        )
+        return AlignmentRequest(
+            messages=tuple({"role": m.role, "content": m.text()} for m in request.messages),
+            sampling=sampling,
+            n=request.n,
+            return_trace=request.return_trace,
+            reward=request.reward,
+            max_candidates=self.settings.max_candidates,
+        )
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def complete(self, prepared: PreparedRequest) -> dict[str, Any]:
+        """Run a non-streaming request to its JSON response."""
+        status = 200
+        try:
+            result = await prepared.strategy.run(prepared.context, prepared.config)
+            return prepared.header.completion(
+                result.choices,
+                self._usage(prepared, result),
+                self._alignment(prepared, result),
+                want_logprobs=prepared.request.logprobs,
+            )
+        except Exception as exc:
+            error = _client_error(exc)
+            status = error.status_code
+            raise error from exc
+        except BaseException:
+            status = CLIENT_CLOSED_REQUEST
+            raise
+        finally:
+            self._record(prepared, status)
+
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[str]:
+        """Run a streaming request, yielding SSE frames up to and including ``[DONE]``."""
+        header, request = prepared.header, prepared.request
+        include_usage = request.include_usage()
+        usage_field = {"usage": None} if include_usage else {}
+        started_choices: set[int] = set()
+        status = 200
+        try:
+            async for event in prepared.strategy.stream(prepared.context, prepared.config):
+                if isinstance(event, ProgressEvent):
+                    yield sse(header.chunk([], alignment_progress=event.data, **usage_field))
+                elif isinstance(event, DeltaEvent):
+                    delta = event.delta
+                    if delta.index not in started_choices:
+                        started_choices.add(delta.index)
+                        yield sse(
+                            header.chunk(
+                                [delta_choice(delta.index, {"role": "assistant", "content": ""})],
+                                **usage_field,
+                            )
+                        )
+                    finish = delta.finish_reason
+                    yield sse(
+                        header.chunk(
+                            [
+                                delta_choice(
+                                    delta.index,
+                                    {"content": delta.text} if delta.text else {},
+                                    None if finish == "abort" else finish,
+                                    delta.logprobs if request.logprobs else None,
+                                )
+                            ],
+                            **usage_field,
+                        )
+                    )
+                else:
+                    result = event.result
+                    if not event.streamed:
+                        for frame in self._final_answer_frames(prepared, result, usage_field):
+                            yield frame
+                    tail: dict[str, Any] = {"alignment": self._alignment(prepared, result)}
+                    if include_usage:
+                        tail["usage"] = self._usage(prepared, result)
+                    yield sse(header.chunk([], **tail))
+        except Exception as exc:
+            error = _client_error(exc)
+            status = error.status_code
+            yield sse(error.body())
+        except BaseException:
+            status = CLIENT_CLOSED_REQUEST  # nobody is left to read an error frame
+            raise
+        finally:
+            self._record(prepared, status)
+        yield DONE_FRAME
+
+    def _final_answer_frames(
+        self, prepared: PreparedRequest, result: StrategyResult, usage_field: dict[str, Any]
+    ) -> list[str]:
+        header, want_logprobs = prepared.header, prepared.request.logprobs
+        frames = []
+        for i, choice in enumerate(result.choices):
+            frames.append(
+                sse(
+                    header.chunk(
+                        [delta_choice(i, {"role": "assistant", "content": ""})], **usage_field
+                    )
+                )
+            )
+            frames.append(
+                sse(
+                    header.chunk(
+                        [
+                            delta_choice(
+                                i,
+                                {"content": choice.text},
+                                choice.finish_reason,
+                                choice.logprobs if want_logprobs else None,
+                            )
+                        ],
+                        **usage_field,
+                    )
+                )
+            )
+        return frames
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def _usage(self, prepared: PreparedRequest, result: StrategyResult) -> dict[str, int]:
+        prompt_tokens = result.prompt_tokens
+        if prompt_tokens is None:
+            prompt_tokens = len(self.engine.render_chat(prepared.context.request.messages))
+        return usage(prompt_tokens, sum(c.num_tokens for c in result.choices))
+
+    def _alignment(self, prepared: PreparedRequest, result: StrategyResult) -> dict[str, Any]:
+        engine_usage = prepared.context.engine.usage
+        alignment: dict[str, Any] = {
+            "strategy": prepared.strategy.name,
+            "rounds": result.rounds,
+            "candidates_generated": engine_usage.candidates_generated,
+            "candidates_scored": result.candidates_scored,
+            "engine_calls": engine_usage.engine_calls,
+            "elapsed_seconds": round(time.monotonic() - prepared.started, 4),
+            "rewards": [c.reward for c in result.choices],
+            "stopped_early": result.stopped_early,
+            "engine_tokens": usage(engine_usage.prompt_tokens, engine_usage.completion_tokens),
+        }
+        if result.trace is not None:
+            alignment["trace"] = result.trace
+        return alignment
+
+    def _record(self, prepared: PreparedRequest, status: int) -> None:
+        m, name = self.metrics, prepared.strategy.name
+        engine_usage = prepared.context.engine.usage
+        m.requests.labels(name, str(status)).inc()
+        m.request_latency.labels(name).observe(time.monotonic() - prepared.started)
+        m.engine_calls.labels(name).observe(engine_usage.engine_calls)
+        m.candidates.labels(name).inc(engine_usage.candidates_generated)
+        m.prompt_tokens.labels(name).inc(engine_usage.prompt_tokens)
+        m.completion_tokens.labels(name).inc(engine_usage.completion_tokens)
+
+
+def _client_error(exc: BaseException) -> APIError:
+    if isinstance(exc, EngineRequestError):
+        return InvalidRequestError(str(exc), param=exc.param or "messages", code="invalid_value")
+    if isinstance(exc, UnknownRewardError):
+        return InvalidRequestError(str(exc), param="reward", code="unknown_reward")
+    return to_api_error(exc)

@@ -1,0 +1,99 @@
+"""Server settings: every field is a ``ttalign serve`` flag and a ``TTALIGN_*`` variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "ttalign"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ServerSettings(BaseSettings):
+    """Everything the server can be configured with. Immutable once built."""
+
+    model_config = SettingsConfigDict(env_prefix="TTALIGN_", frozen=True, extra="ignore")
+
+    # --- model and engine -------------------------------------------------------------
+    model: str | None = Field(
+        None,
+        description="Hugging Face model folder to serve. Unset: the embedded "
+        "SmolLM2-135M-Instruct, prepared once into the cache folder.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name clients send and /v1/models lists (default: folder name)."
+    )
+    cache_dir: Path = Field(
+        DEFAULT_CACHE_DIR, description="Where the embedded model is converted and cached."
+    )
+    dtype: str = Field("auto", description="Weight dtype passed to vLLM (auto, bfloat16, ...).")
+    max_model_len: int = Field(2048, gt=0, description="Context window in tokens.")
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Fraction of accelerator memory for weights and KV cache. On the CPU "
+        "build it is the fraction of RAM reserved for the KV cache.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences the engine batches at once.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse KV cache across requests sharing a prompt prefix."
+    )
+    seed: int = Field(0, description="Engine-wide seed for requests that send none.")
+    enforce_eager: bool = Field(
+        False,
+        description="Skip torch.compile and CUDA graphs: much faster start, slower decoding. "
+        "Useful on CPU, where compiling takes minutes.",
+    )
+    warmup: bool = Field(
+        True, description="Run a short generation at start so the first request is not slow."
+    )
+
+    # --- HTTP ---------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+
+    # --- request policy -----------------------------------------------------------------
+    default_strategy: str = Field("none", description="Strategy for requests that name none.")
+    default_max_tokens: int = Field(
+        512,
+        ge=1,
+        description="max_tokens for requests that send neither it nor "
+        "max_completion_tokens (further limited by the context window).",
+    )
+    max_tokens_cap: int = Field(
+        2048, ge=1, description="Largest max_tokens a request may ask for; more is a 400."
+    )
+    max_n: int = Field(16, ge=1, description="Largest n a request may ask for; more is a 400.")
+    max_candidates: int = Field(
+        64, ge=1, description="Largest number of candidates a strategy may sample per round."
+    )
+    max_concurrent_requests: int = Field(
+        128, ge=1, description="Requests in flight before new ones get 429 with Retry-After."
+    )
+    retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with a 429.")
+    request_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Default wall-clock budget of one request; multi-round "
+        "strategies stop and return their best so far when it passes.",
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="How long shutdown waits for requests in flight."
+    )
+
+    # --- rewards ------------------------------------------------------------------------
+    reward_config: Path | None = Field(
+        None, description="JSON or YAML file defining the named reward clients."
+    )
+    default_reward: str | None = Field(
+        None, description="Reward client used when a request names none."
+    )
+
+    def resolved_model_name(self, model_path: str) -> str:
+        """The public model name: the configured one, or the model folder's name."""
+        return self.served_model_name or Path(model_path.rstrip("/")).name

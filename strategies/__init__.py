@@ -1,0 +1,37 @@
+"""Decoding-time alignment strategies, registered by name.
+
+Importing this package registers the built-in strategies and any installed plugins.
+"""
+
+from strategies import none  # noqa: F401  (registers itself)
+from strategies.base import (
+    AlignmentRequest,
+    ChoiceResult,
+    Strategy,
+    StrategyConfig,
+    StrategyContext,
+    StrategyResult,
+)
+from strategies.registry import (
+    all_strategies,
+    get_strategy,
+    load_plugins,
+    register_strategy,
+    strategy_names,
+)
+
+load_plugins()
+
+__all__ = [
+    "AlignmentRequest",
+    "ChoiceResult",
+    "Strategy",
+    "StrategyConfig",
+    "StrategyContext",
+    "StrategyResult",
+    "all_strategies",
+    "get_strategy",
+    "load_plugins",
+    "register_strategy",
+    "strategy_names",
+]
