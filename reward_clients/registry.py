@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from reward_clients.base import RewardClient
 
@@ -33,8 +34,14 @@ class RewardRegistry:
     def names(self) -> list[str]:
         return sorted(self._clients)
 
-    def get(self, name: str | None = None) -> RewardClient:
-        """The client called ``name`` (the default for ``None``); raises UnknownRewardError."""
+    def get(
+        self, name: str | None = None, *, constraints: tuple[dict[str, Any], ...] = ()
+    ) -> RewardClient:
+        """The client called ``name`` (the default for ``None``); raises UnknownRewardError.
+
+        ``constraints`` are the request's own verifiable constraints, for clients that
+        score against them (rule verifiers); other clients ignore them.
+        """
         key = name if name is not None else self.default
         if key is None or key not in self._clients:
             raise UnknownRewardError(name, self.names())

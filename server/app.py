@@ -18,9 +18,16 @@ from server.admission import Admission
 from server.disconnect import ClientDisconnected, cancel_on_disconnect
 from server.engine.base import EngineClient
 from server.engine.factory import build_engine, warm_up
-from server.errors import APIError, error_body, error_response, status_phrase
+from server.errors import (
+    APIError,
+    InvalidRequestError,
+    error_body,
+    error_response,
+    status_phrase,
+)
 from server.metrics import Metrics
-from server.serving import ChatCompletionService, parse_request
+from server.protocol import ScoreRequest
+from server.serving import ChatCompletionService, parse_body, parse_request
 from server.settings import ServerSettings
 from strategies import all_strategies
 
@@ -155,6 +162,29 @@ def _install_routes(app: FastAPI) -> None:
                 for s in all_strategies()
             ],
         }
+
+    @app.get("/v1/rewards")
+    async def rewards(request: Request) -> dict[str, Any]:
+        registry: RewardRegistry = request.app.state.service.rewards
+        return {
+            "object": "list",
+            "data": [{"name": n, "default": n == registry.default} for n in registry.names()],
+        }
+
+    @app.post("/v1/rewards/score")
+    async def score(request: Request) -> dict[str, Any]:
+        service: ChatCompletionService = request.app.state.service
+        parsed = parse_body(await request.body(), ScoreRequest)
+        if len(parsed.candidates) > service.settings.max_candidates:
+            raise InvalidRequestError(
+                f"at most {service.settings.max_candidates} candidates per call",
+                param="candidates",
+            )
+        constraints = tuple(parsed.constraints or ())
+        client = service.rewards.get(parsed.reward, constraints=constraints)
+        conversation = [{"role": m.role, "content": m.text()} for m in parsed.messages]
+        scores = await cancel_on_disconnect(request, client.score(conversation, parsed.candidates))
+        return {"object": "reward.scores", "reward": client.name, "scores": scores}
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

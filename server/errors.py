@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from reward_clients.base import RewardClientError, RewardTimeout, RewardUnavailable
+from reward_clients.registry import UnknownRewardError
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ def to_api_error(exc: BaseException) -> APIError:
             else "reward_error"
         )
         return UpstreamError(str(exc), status_code=exc.status_code, code=code, client=exc.client)
+    if isinstance(exc, UnknownRewardError):
+        return InvalidRequestError(str(exc), param="reward", code="unknown_reward")
     if isinstance(exc, RequestValidationError):
         return validation_error(exc.errors())
     logger.error("unhandled error", exc_info=exc)

@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 16
+
+
+def _reward_name(reward: str | None) -> str | None:
+    # Reward clients are defined only in server configuration; anything URL-like is
+    # refused so that no request can point the server at an address.
+    if reward is not None and any(mark in reward for mark in ("://", "/", ":")):
+        raise ValueError(
+            "reward must be the name of a reward client configured on the server, "
+            "not a URL or address"
+        )
+    return reward
+
+
+RewardName = Annotated[str | None, AfterValidator(_reward_name)]
 
 
 class OpenAIBaseModel(BaseModel):
@@ -76,8 +97,13 @@ class ChatCompletionRequest(OpenAIBaseModel):
     strategy_config: dict[str, Any] | None = Field(
         None, description="Settings of the chosen strategy, validated by its own schema."
     )
-    reward: str | None = Field(
+    reward: RewardName = Field(
         None, description="Name of a reward client configured on the server."
+    )
+    constraints: list[dict[str, Any]] | None = Field(
+        None,
+        description="Verifiable constraints for rule-verifier rewards (data, never code); "
+        "see reward_clients/rules.py for the kinds.",
     )
     return_trace: bool = Field(
         False, description="Return every candidate, reward and critique of the search."
@@ -99,18 +125,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
             raise ValueError("stop sequences must not be empty")
         return stop
 
-    @field_validator("reward")
-    @classmethod
-    def _reward_is_a_name(cls, reward: str | None) -> str | None:
-        # Reward clients are defined only in server configuration; anything URL-like is
-        # refused here so that no request can point the server at an address.
-        if reward is not None and ("://" in reward or "/" in reward or ":" in reward):
-            raise ValueError(
-                "reward must be the name of a reward client configured on the server, "
-                "not a URL or address"
-            )
-        return reward
-
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -121,3 +135,14 @@ class ChatCompletionRequest(OpenAIBaseModel):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ScoreRequest(BaseModel):
+    """``POST /v1/rewards/score``: score candidate replies with a configured reward client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reward: RewardName = Field(None, description="Configured reward client (default if unset).")
+    messages: list[ChatMessage] = Field(min_length=1)
+    candidates: list[str] = Field(min_length=1)
+    constraints: list[dict[str, Any]] | None = None

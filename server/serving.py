@@ -10,9 +10,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from reward_clients.registry import RewardRegistry, UnknownRewardError
 from server.engine.base import EngineClient, EngineRequestError, SamplingSettings
@@ -42,6 +43,8 @@ from strategies.base import (
 
 logger = logging.getLogger(__name__)
 
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 #: Status recorded for requests whose client disconnected (nginx's convention).
@@ -60,8 +63,23 @@ class PreparedRequest:
     started: float
 
 
+def load_prompt_overrides(path: Path | None) -> dict[str, str]:
+    """Template name -> replacement text, from a JSON object file (empty without one)."""
+    if path is None:
+        return {}
+    overrides = json.loads(Path(path).read_text())
+    if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
+        raise ValueError(f"{path}: prompt overrides must be a JSON object of strings")
+    return overrides
+
+
 def parse_request(body: bytes) -> ChatCompletionRequest:
-    """Parse and validate a request body; every failure is a 400 naming the param."""
+    """Parse and validate a chat completion body; every failure is a 400 naming the param."""
+    return parse_body(body, ChatCompletionRequest)
+
+
+def parse_body(body: bytes, schema: type[BodyT]) -> BodyT:
+    """Parse JSON ``body`` into ``schema``; every failure is a 400 naming the param."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -71,7 +89,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     if not isinstance(payload, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
     try:
-        return ChatCompletionRequest.model_validate(payload)
+        return schema.model_validate(payload)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
 
@@ -90,6 +108,7 @@ class ChatCompletionService:
         self.settings = settings
         self.metrics = metrics
         self.rewards = rewards
+        self.prompt_overrides = load_prompt_overrides(settings.prompt_overrides)
 
     # --- validation -------------------------------------------------------------------------
 
@@ -112,7 +131,10 @@ class ChatCompletionService:
         context = StrategyContext(
             request=self._alignment_request(request),
             engine=MeteredEngine(self.engine),
-            rewards=RewardResolver(self.rewards.get),
+            rewards=RewardResolver(
+                lambda name: self.rewards.get(name, constraints=tuple(request.constraints or ()))
+            ),
+            prompt_overrides=self.prompt_overrides,
             deadline=started + min(deadlines) if deadlines else None,
         )
         return PreparedRequest(
@@ -191,6 +213,7 @@ class ChatCompletionService:
             return_trace=request.return_trace,
             reward=request.reward,
             max_candidates=self.settings.max_candidates,
+            constraints=tuple(request.constraints or ()),
         )
 
     # --- running ----------------------------------------------------------------------------
@@ -340,6 +363,4 @@ class ChatCompletionService:
 def _client_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineRequestError):
         return InvalidRequestError(str(exc), param=exc.param or "messages", code="invalid_value")
-    if isinstance(exc, UnknownRewardError):
-        return InvalidRequestError(str(exc), param="reward", code="unknown_reward")
     return to_api_error(exc)

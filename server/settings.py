@@ -86,6 +86,11 @@ class ServerSettings(BaseSettings):
         30.0, ge=0, description="How long shutdown waits for requests in flight."
     )
 
+    prompt_overrides: Path | None = Field(
+        None,
+        description="JSON file replacing strategies' prompt templates, by template name.",
+    )
+
     # --- rewards ------------------------------------------------------------------------
     reward_config: Path | None = Field(
         None, description="JSON or YAML file defining the named reward clients."

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -52,6 +52,8 @@ class AlignmentRequest:
     reward: str | None = None
     #: The server's cap on candidates per engine call.
     max_candidates: int = 64
+    #: Verifiable constraints sent with the request, for rule-verifier rewards.
+    constraints: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ class StrategyContext:
     #: ``time.monotonic()`` value after which the strategy should stop and return its best.
     deadline: float | None = None
     progress: asyncio.Queue[ProgressEvent] = field(default_factory=asyncio.Queue)
+    #: Server-configured replacements for strategies' prompt templates, by template name.
+    prompt_overrides: Mapping[str, str] = field(default_factory=dict)
 
     def report(self, **data: Any) -> None:
         """Publish a progress report; it reaches streaming clients between rounds."""
