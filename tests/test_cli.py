@@ -1,0 +1,43 @@
+"""The command line: every setting is a documented flag and a TTALIGN_* variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from server.cli import build_parser, settings_from_args
+from server.settings import ServerSettings
+
+
+def test_help_documents_every_setting() -> None:
+    help_text = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in ServerSettings.model_fields:
+        assert "--" + name.replace("_", "-") in help_text
+        assert "TTALIGN_" + name.upper() in " ".join(help_text.split())
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TTALIGN_PORT", "9100")
+    monkeypatch.setenv("TTALIGN_MAX_N", "3")
+    args = build_parser().parse_args(["serve", "--max-n", "5", "--no-warmup"])
+    settings = settings_from_args(args)
+    assert settings.port == 9100
+    assert settings.max_n == 5
+    assert settings.warmup is False
+
+
+def test_invalid_setting_exits_with_a_message() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--max-n", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "max_n" in result.stderr
