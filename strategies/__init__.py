@@ -3,7 +3,11 @@
 Importing this package registers the built-in strategies and any installed plugins.
 """
 
-from strategies import none  # noqa: F401  (registers itself)
+from strategies import (
+    best_of_n,  # noqa: F401
+    none,  # noqa: F401  (registers itself)
+    tpo,  # noqa: F401
+)
 from strategies.base import (
     AlignmentRequest,
     ChoiceResult,

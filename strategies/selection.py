@@ -1,0 +1,133 @@
+"""Scoring candidates with a reward client, and picking the best distinct ones.
+
+Shared by the search strategies: a candidate is scored once, kept with its score, and the
+returned choices are the top-scoring *distinct* texts (ties go to the earlier candidate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine.base import Completion, FinishReason, TokenLogprob
+from server.errors import InvalidRequestError
+from strategies.base import AlignmentRequest, ChoiceResult
+
+
+@dataclass(frozen=True)
+class ScoredCandidate:
+    """A generated response and its reward."""
+
+    text: str
+    score: float
+    finish_reason: FinishReason
+    num_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    #: The search round that produced it (0: the first sampling).
+    round: int = 0
+
+    @property
+    def key(self) -> str:
+        """What makes two candidates the same response."""
+        return distinct_key(self.text)
+
+    def choice(self) -> ChoiceResult:
+        return ChoiceResult(
+            self.text,
+            self.finish_reason,
+            self.num_tokens,
+            reward=self.score,
+            logprobs=self.logprobs,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The candidate as a trace entry."""
+        return {
+            "text": self.text,
+            "score": self.score,
+            "finish_reason": self.finish_reason,
+            "round": self.round,
+        }
+
+
+def distinct_key(text: str) -> str:
+    """Responses that differ only in surrounding whitespace count as one."""
+    return text.strip()
+
+
+def _rank(score: float) -> float:
+    # A reward backend that answers NaN must not win (NaN compares false both ways).
+    return -math.inf if math.isnan(score) else score
+
+
+async def score_texts(
+    reward: Any, conversation: Sequence[dict[str, str]], texts: Sequence[str]
+) -> list[float]:
+    """Score ``texts`` as replies to ``conversation`` in one batched reward call."""
+    if not texts:
+        return []
+    scores = await reward.score(conversation, list(texts))
+    if len(scores) != len(texts):
+        raise ValueError(
+            f"reward client {getattr(reward, 'name', reward)!r} returned {len(scores)} scores "
+            f"for {len(texts)} candidates"
+        )
+    return [float(s) for s in scores]
+
+
+async def score_completions(
+    reward: Any,
+    conversation: Sequence[dict[str, str]],
+    completions: Sequence[Completion],
+    *,
+    round: int = 0,
+) -> list[ScoredCandidate]:
+    """Score an engine call's completions in one reward call."""
+    scores = await score_texts(reward, conversation, [c.text for c in completions])
+    return [
+        ScoredCandidate(c.text, s, c.finish_reason, c.num_tokens, c.logprobs, round)
+        for c, s in zip(completions, scores, strict=True)
+    ]
+
+
+def best(candidates: Iterable[ScoredCandidate]) -> ScoredCandidate:
+    """The highest-scoring candidate; the earliest one wins a tie."""
+    return max(candidates, key=lambda c: _rank(c.score))
+
+
+def worst(candidates: Iterable[ScoredCandidate]) -> ScoredCandidate:
+    """The lowest-scoring candidate; the earliest one wins a tie."""
+    return min(candidates, key=lambda c: _rank(c.score))
+
+
+def top_distinct(candidates: Iterable[ScoredCandidate], n: int) -> list[ScoredCandidate]:
+    """The ``n`` best candidates, best first, distinct texts before any repeat.
+
+    With fewer than ``n`` distinct texts the rest is filled by repeats in rank order, so a
+    request for ``n`` choices always gets ``n``.
+    """
+    # sorted() is stable even in reverse, so a tie keeps generation order.
+    ranked = sorted(candidates, key=lambda c: _rank(c.score), reverse=True)
+    distinct: list[ScoredCandidate] = []
+    repeats: list[ScoredCandidate] = []
+    seen: set[str] = set()
+    for candidate in ranked:
+        (repeats if candidate.key in seen else distinct).append(candidate)
+        seen.add(candidate.key)
+    chosen = distinct + repeats
+    while chosen and len(chosen) < n:
+        chosen += distinct[: n - len(chosen)]
+    return chosen[:n]
+
+
+def check_candidate_cap(count: int, request: AlignmentRequest, param: str) -> None:
+    """Reject ``count`` candidates per engine call above the server's cap (a 400 on ``param``)."""
+    if count > request.max_candidates:
+        raise InvalidRequestError(
+            f"{param} is {count}, but this server samples at most {request.max_candidates} "
+            "candidates per engine call.",
+            param=param,
+            code="invalid_value",
+        )
