@@ -1,0 +1,215 @@
+"""Quality evaluation: run a prompt set through a ttalign server under several strategies.
+
+Examples (server on port 8011)::
+
+    python -m benchmarks.evaluate ifeval --base-url http://127.0.0.1:8011 --reward rules \\
+        --run none --run 'best_of_n:{"n":2}' --run 'best_of_n:{"n":4}' --run 'best_of_n:{"n":8}'
+    python -m benchmarks.evaluate xstest --base-url http://127.0.0.1:8011 --run none
+    python -m benchmarks.evaluate alpaca --score-reward judge --run none --run 'best_of_n:{"n":4}'
+
+Each invocation writes ``NAME.json`` (settings, per-prompt outputs, metrics and cost),
+``NAME.md`` (the runs side by side) and ``NAME.png`` under ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.quality.client import TtalignClient
+from benchmarks.quality.harness import EvalSettings, RunResult, evaluate_run
+from benchmarks.quality.report import metric_legend, write_result
+from benchmarks.quality.runs import RunSpec, RunSpecError, check_unique_labels, parse_run
+from benchmarks.quality.suites import Suite, suites
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "eval"
+DEFAULT_OUTPUT_DIR = REPO_ROOT / "benchmarks" / "results" / "quality"
+
+RUN_HELP = """\
+a configuration to evaluate, repeatable (default: a single none). Grammar:
+[LABEL=]STRATEGY[@REWARD][:CONFIG_JSON], e.g. none, 'best_of_n:{"n":4}',
+'bon8-judge=best_of_n@judge:{"n":8}', 'tpo:{"depth":2,"width":5,"mode":"revision"}'.
+CONFIG_JSON is sent as strategy_config; @REWARD overrides --reward for this run"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("suite", nargs="?", choices=sorted(suites()), help="prompt set")
+    parser.add_argument("--run", action="append", dest="runs", metavar="SPEC", help=RUN_HELP)
+    parser.add_argument(
+        "--base-url", default="http://127.0.0.1:8000", help="ttalign server (%(default)s)"
+    )
+    parser.add_argument("--model", help="model id (default: the first of /v1/models)")
+    parser.add_argument("--api-key", default="EMPTY", help="sent as the bearer token")
+    parser.add_argument(
+        "--reward",
+        help="reward client for runs whose strategy uses one and whose spec names none",
+    )
+    parser.add_argument(
+        "--score-reward",
+        help="also score every output with this server reward client (reported as "
+        "mean_reward); alpaca always scores, with the server's default reward if unset",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="prompt files (%(default)s)"
+    )
+    parser.add_argument("--limit", type=int, help="evaluate only the first N items")
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="requests in flight (%(default)s)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=512, help="per reply (%(default)s)")
+    parser.add_argument("--temperature", type=float, help="default: the server's")
+    parser.add_argument("--top-p", type=float, help="default: the server's")
+    parser.add_argument("--seed", type=int, help="sampling seed of every request")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="per request, seconds (%(default)s)"
+    )
+    parser.add_argument(
+        "--max-retries", type=int, default=2, help="of the openai client (%(default)s)"
+    )
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="(%(default)s)")
+    parser.add_argument(
+        "--name", help="file name stem of the results (default: SUITE or SUITE-REWARD)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="only redraw the markdown table and plot of an existing JSON result",
+    )
+    return parser
+
+
+async def evaluate(
+    suite: Suite,
+    specs: list[RunSpec],
+    settings: EvalSettings,
+    *,
+    base_url: str,
+    data_file: Path,
+    limit: int | None = None,
+    model: str | None = None,
+    api_key: str = "EMPTY",
+    timeout: float = 900.0,
+    max_retries: int = 2,
+) -> dict[str, object]:
+    """Every run of ``specs`` over ``suite``, one after another; returns the JSON document."""
+    items = suite.load(data_file)[:limit]
+    client = TtalignClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+    try:
+        model = model or await client.model()
+        served = await client.strategies_using_reward()
+        unknown = sorted({s.strategy for s in specs} - served.keys())
+        if unknown:
+            raise RunSpecError(
+                f"the server has no strategy {', '.join(unknown)}; it serves {', '.join(served)}"
+            )
+        results: list[RunResult] = []
+        for spec in specs:
+            result = await evaluate_run(
+                client, model, suite, items, spec, settings, uses_reward=served[spec.strategy]
+            )
+            _warn_failures(result)
+            results.append(result)
+    finally:
+        await client.close()
+    return {
+        "suite": suite.name,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "server": {"base_url": client.base_url, "model": model},
+        "data_file": _shown_path(data_file),
+        "limit": limit,
+        "settings": {
+            "sampling": settings.sampling(),
+            **{k: v for k, v in asdict(settings).items() if k != "progress"},
+            "scored": settings.score_reward is not None or settings.always_score,
+        },
+        "metrics": metric_legend(suite.metrics),
+        "plot_metrics": list(suite.plot_metrics),
+        "runs": [r.to_json() for r in results],
+    }
+
+
+def _shown_path(path: Path) -> str:
+    # Relative to the repository, so committed results do not name this machine's folders.
+    try:
+        return os.path.relpath(path.resolve(), REPO_ROOT)
+    except ValueError:
+        return str(path)
+
+
+def _warn_failures(result: RunResult) -> None:
+    errors = [r["error"] for r in result.records if r["error"]]
+    if errors:
+        print(
+            f"{result.spec.label}: {len(errors)} of {len(result.records)} requests failed; "
+            f"first: {errors[0]}",
+            file=sys.stderr,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    """Run the command; returns the paths it wrote (json, md, png)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.render:
+        document = json.loads(args.render.read_text())
+        return write_result(document, args.output_dir, args.name or args.render.stem)
+    if args.suite is None:
+        parser.error("a suite is required (or --render)")
+    suite = suites()[args.suite]
+    try:
+        specs = [parse_run(text) for text in args.runs or ["none"]]
+        check_unique_labels(specs)
+    except RunSpecError as exc:
+        parser.error(str(exc))
+    settings = EvalSettings(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        concurrency=args.concurrency,
+        reward=args.reward,
+        score_reward=args.score_reward,
+        always_score=suite.needs_reward_scores,
+        progress=not args.no_progress,
+    )
+    try:
+        document = asyncio.run(
+            evaluate(
+                suite,
+                specs,
+                settings,
+                base_url=args.base_url,
+                data_file=args.data_dir / suite.filename,
+                limit=args.limit,
+                model=args.model,
+                api_key=args.api_key,
+                timeout=args.timeout,
+                max_retries=args.max_retries,
+            )
+        )
+    except RunSpecError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    name = args.name or "-".join(filter(None, (suite.name, args.reward)))
+    paths = write_result(document, args.output_dir, name)
+    for path in paths.values():
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
