@@ -1,17 +1,248 @@
-"""Build the named reward clients from the server's reward configuration file."""
+"""Build the named reward clients from the server's reward configuration file.
+
+The file (``--reward-config`` / ``TTALIGN_REWARD_CONFIG``) is JSON or YAML (by suffix
+``.yaml``/``.yml``, else JSON). It is the only place reward clients, their URLs, models and
+weights are defined; requests can only pick a client by name. Example (YAML)::
+
+    default: skywork              # optional; --default-reward overrides it; else "judge"
+    clients:
+      skywork:                    # vLLM pooling server: vllm serve M --runner pooling
+        type: vllm_pooling
+        url: http://127.0.0.1:8001
+        model: Skywork/Skywork-Reward-V2-Llama-3.1-8B   # optional, sent as "model"
+        tokenizer: /models/skywork  # optional: render locally and batch as token ids;
+                                    # unset: one /classify "messages" request per candidate
+        label_index: 0              # which output of the classifier is the reward
+      tei-rm:                     # Text Embeddings Inference /predict
+        type: tei
+        url: http://127.0.0.1:8002
+        tokenizer: /models/rm       # required: its chat template renders the input
+        label: null                 # the label to read; null: the only one
+      local-rm:                   # in-process transformers sequence classifier
+        type: transformers
+        path: /models/rm
+        device: auto                # auto | cpu | cuda | cuda:1 ...
+        dtype: float32
+      strict-judge:               # LLM judge; no url: the serving engine itself
+        type: judge
+        url: http://127.0.0.1:8003  # optional remote OpenAI-compatible vLLM server
+        model: Qwen/Qwen2.5-7B-Instruct
+        api_key_env: JUDGE_API_KEY  # optional: environment variable holding the key
+        rubric: "Prefer short, exact answers."
+        scale_min: 1
+        scale_max: 9
+      mix:                        # weighted composite of other clients
+        type: composite
+        components: {skywork: 0.7, rules: 0.3}
+        normalization: zscore       # zscore | minmax | none (per call, per component)
+
+Every client except ``composite`` (and ``rules``) also takes the reliability and batching
+settings of :class:`~reward_clients.backend.BackendSettings`: ``timeout_seconds`` (30),
+``max_retries`` (2), ``backoff_seconds`` (0.2), ``batch_window_ms`` (5; 0 for the judge)
+and ``max_batch_size`` (64).
+
+Two clients exist even without a file: ``rules`` (rule verifiers over each request's
+``constraints``) and ``judge`` (the LLM judge on the serving engine, with the default
+rubric). A configured client of the same name replaces a built-in one.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reward_clients.backend import BackendSettings
+from reward_clients.base import RewardClient
+from reward_clients.composite import CompositeReward
+from reward_clients.judge import DEFAULT_RUBRIC, JudgeReward
+from reward_clients.local_hf import TransformersReward
 from reward_clients.registry import RewardRegistry
+from reward_clients.rules import RuleVerifierReward
+from reward_clients.tei import TeiReward
+from reward_clients.vllm_pooling import VllmPoolingReward
+
+BUILTIN_DEFAULT = "judge"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VllmPoolingConfig(BackendSettings):
+    type: Literal["vllm_pooling"]
+    url: str
+    model: str | None = None
+    tokenizer: str | None = None
+    label_index: int = Field(0, ge=0)
+
+
+class TeiConfig(BackendSettings):
+    type: Literal["tei"]
+    url: str
+    tokenizer: str
+    label: str | None = None
+
+
+class TransformersConfig(BackendSettings):
+    type: Literal["transformers"]
+    path: str
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    label_index: int = Field(0, ge=0)
+
+
+class JudgeConfig(BackendSettings):
+    type: Literal["judge"]
+    # The engine batches concurrent calls itself; gathering them first only adds latency.
+    batch_window_ms: float = Field(0.0, ge=0)
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    rubric: str = DEFAULT_RUBRIC
+    scale_min: int = Field(1, ge=0, le=9)
+    scale_max: int = Field(9, ge=0, le=9)
+
+
+class RulesConfig(_Strict):
+    type: Literal["rules"]
+
+
+class CompositeConfig(_Strict):
+    type: Literal["composite"]
+    components: dict[str, float] = Field(min_length=1)
+    normalization: Literal["zscore", "minmax", "none"] = "zscore"
+
+
+ClientConfig = Annotated[
+    VllmPoolingConfig
+    | TeiConfig
+    | TransformersConfig
+    | JudgeConfig
+    | RulesConfig
+    | CompositeConfig,
+    Field(discriminator="type"),
+]
+
+
+class RewardConfigFile(_Strict):
+    """The whole reward configuration file."""
+
+    default: str | None = None
+    clients: dict[str, ClientConfig] = Field(default_factory=dict)
+
+
+class RewardConfigError(ValueError):
+    """The reward configuration file is invalid; the message names the file and field."""
+
+
+def read_config(path: Path) -> RewardConfigFile:
+    """Parse and validate a JSON or YAML reward configuration file."""
+    text = Path(path).read_text()
+    try:
+        if Path(path).suffix.lower() in {".yaml", ".yml"}:
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+        return RewardConfigFile.model_validate(raw)
+    except (ValueError, ValidationError) as exc:
+        raise RewardConfigError(f"{path}: {exc}") from None
 
 
 def load_reward_registry(
     path: Path | None, default: str | None, *, engine: Any = None, metrics: Any = None
 ) -> RewardRegistry:
-    """The registry defined by ``path`` (no clients when it is ``None``)."""
-    if path is None:
-        return RewardRegistry({}, default=None)
-    raise NotImplementedError("reward configuration files are not supported yet")
+    """The registry of the built-in clients plus those ``path`` defines.
+
+    ``default`` (the server setting) wins over the file's ``default``; without either the
+    default is ``judge``. Without an ``engine`` there is no built-in judge.
+    """
+    config = read_config(path) if path is not None else RewardConfigFile()
+    specs: dict[str, Any] = {"rules": RulesConfig(type="rules")}
+    if engine is not None:
+        specs["judge"] = JudgeConfig(type="judge")
+    specs.update(config.clients)
+    clients = _Builder(specs, engine, metrics).build_all()
+    chosen = default or config.default or (BUILTIN_DEFAULT if BUILTIN_DEFAULT in clients else None)
+    if chosen is not None and chosen not in clients:
+        raise RewardConfigError(f"default reward {chosen!r} is not among {sorted(clients)}")
+    return RewardRegistry(clients, default=chosen)
+
+
+class _Builder:
+    """Builds clients from their configs; composites resolve their components by name."""
+
+    def __init__(self, specs: dict[str, Any], engine: Any, metrics: Any) -> None:
+        self.specs = specs
+        self.engine = engine
+        self.metrics = metrics
+        self.built: dict[str, RewardClient] = {}
+        self._building: set[str] = set()
+
+    def build_all(self) -> dict[str, RewardClient]:
+        for name in self.specs:
+            self.build(name)
+        return self.built
+
+    def build(self, name: str) -> RewardClient:
+        if name in self.built:
+            return self.built[name]
+        if name in self._building:
+            raise RewardConfigError(f"reward client {name!r} is part of a composite cycle")
+        if name not in self.specs:
+            raise RewardConfigError(f"composite component {name!r} is not a configured client")
+        self._building.add(name)
+        self.built[name] = self._make(name, self.specs[name])
+        self._building.discard(name)
+        return self.built[name]
+
+    def _make(self, name: str, spec: Any) -> RewardClient:
+        m = self.metrics
+        if isinstance(spec, RulesConfig):
+            return RuleVerifierReward(name, metrics=m)
+        if isinstance(spec, CompositeConfig):
+            components = {c: (self.build(c), w) for c, w in spec.components.items()}
+            return CompositeReward(name, components, spec.normalization, metrics=m)
+        backend = BackendSettings.model_validate(
+            spec.model_dump(include=set(BackendSettings.model_fields))
+        )
+        if isinstance(spec, VllmPoolingConfig):
+            return VllmPoolingReward(
+                name, url=spec.url, model=spec.model, tokenizer=spec.tokenizer,
+                label_index=spec.label_index, settings=backend, metrics=m,
+            )  # fmt: skip
+        if isinstance(spec, TeiConfig):
+            return TeiReward(
+                name, url=spec.url, tokenizer=spec.tokenizer, label=spec.label,
+                settings=backend, metrics=m,
+            )  # fmt: skip
+        if isinstance(spec, TransformersConfig):
+            return TransformersReward(
+                name, path=spec.path, device=spec.device, dtype=spec.dtype,
+                label_index=spec.label_index, settings=backend, metrics=m,
+            )  # fmt: skip
+        return self._judge(name, spec, backend)
+
+    def _judge(self, name: str, spec: JudgeConfig, backend: BackendSettings) -> RewardClient:
+        if spec.url is None and self.engine is None:
+            raise RewardConfigError(f"judge {name!r} has no url and there is no serving engine")
+        api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        if spec.scale_min >= spec.scale_max:
+            raise RewardConfigError(f"judge {name!r}: scale_min must be below scale_max")
+        return JudgeReward(
+            name,
+            engine=self.engine if spec.url is None else None,
+            url=spec.url,
+            model=spec.model,
+            api_key=api_key,
+            rubric=spec.rubric,
+            scale_min=spec.scale_min,
+            scale_max=spec.scale_max,
+            settings=backend,
+            metrics=self.metrics,
+        )

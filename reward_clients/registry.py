@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from reward_clients.base import RewardClient
+
+
+@runtime_checkable
+class ConstraintAware(Protocol):
+    """A client that scores against each request's constraints (rule verifiers)."""
+
+    def bind(self, constraints: Sequence[dict[str, Any]]) -> RewardClient:
+        """A client bound to ``constraints``; raises ``InvalidConstraintsError`` if unusable."""
+        ...
 
 
 class UnknownRewardError(LookupError):
@@ -45,7 +54,10 @@ class RewardRegistry:
         key = name if name is not None else self.default
         if key is None or key not in self._clients:
             raise UnknownRewardError(name, self.names())
-        return self._clients[key]
+        client = self._clients[key]
+        if isinstance(client, ConstraintAware):
+            return client.bind(constraints)
+        return client
 
     async def close(self) -> None:
         for client in self._clients.values():

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from reward_clients.base import RewardClientError, RewardTimeout, RewardUnavailable
 from reward_clients.registry import UnknownRewardError
+from reward_clients.rules import InvalidConstraintsError
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return UpstreamError(str(exc), status_code=exc.status_code, code=code, client=exc.client)
     if isinstance(exc, UnknownRewardError):
         return InvalidRequestError(str(exc), param="reward", code="unknown_reward")
+    if isinstance(exc, InvalidConstraintsError):
+        return InvalidRequestError(str(exc), param=exc.param, code="invalid_constraints")
     if isinstance(exc, RequestValidationError):
         return validation_error(exc.errors())
     logger.error("unhandled error", exc_info=exc)

@@ -121,7 +121,9 @@ class ChatCompletionService:
         config = self._strategy_config(strategy, request.strategy_config)
         self._check_limits(request)
         if strategy.uses_reward or request.reward is not None:
-            self._check_reward(request.reward, getattr(config, "reward", None))
+            self._check_reward(
+                request.reward, getattr(config, "reward", None), tuple(request.constraints or ())
+            )
 
         deadlines = [
             d
@@ -187,9 +189,12 @@ class ChatCompletionService:
                 "stream_options is only allowed when stream is true.", param="stream_options"
             )
 
-    def _check_reward(self, requested: str | None, configured: str | None) -> None:
+    def _check_reward(
+        self, requested: str | None, configured: str | None, constraints: tuple[dict, ...]
+    ) -> None:
+        # Binding validates the constraints too, so bad ones are a 400 before any work.
         try:
-            self.rewards.get(configured or requested)
+            self.rewards.get(configured or requested, constraints=constraints)
         except UnknownRewardError as exc:
             param = "strategy_config.reward" if configured else "reward"
             raise InvalidRequestError(str(exc), param=param, code="unknown_reward") from None

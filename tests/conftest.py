@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server.app import create_app
 from server.model_prep import prepare_embedded_model
 from server.settings import ServerSettings
 from tests.fakes import FakeEngine
-from tests.servers import RunningServer, serve_in_thread
+from tests.servers import RunningServer, free_port, serve_in_thread
 
 SHARED_EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
 
@@ -70,3 +75,82 @@ def fake_server(fake_engine: FakeEngine) -> Iterator[RunningServer]:
     app = create_app(fake_settings(), engine_factory=lambda _: fake_engine)
     with serve_in_thread(app) as running:
         yield running
+
+
+# --- reward model fixtures ----------------------------------------------------------------
+
+REWARD_MODEL_SEED = 1234
+#: Marks a finished reward-model folder, so an interrupted build is redone.
+REWARD_MODEL_MARKER = ".reward-head-complete"
+
+
+def build_reward_model(target: Path) -> Path:
+    """The embedded SmolLM2 with a fresh, seeded 1-label head: a tiny sequence classifier."""
+    if (target / REWARD_MODEL_MARKER).is_file():
+        return target
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = prepare_embedded_model()
+    torch.manual_seed(REWARD_MODEL_SEED)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, dtype=torch.bfloat16
+    )
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    (target / REWARD_MODEL_MARKER).touch()
+    return target
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir() -> Path:
+    """A sequence-classification folder built once from the embedded model (cached)."""
+    return build_reward_model(prepare_embedded_model().parent / "SmolLM2-135M-reward-test")
+
+
+@pytest.fixture(scope="session")
+def pooling_server(reward_model_dir: Path) -> Iterator[str]:
+    """A real ``vllm serve --runner pooling`` on 127.0.0.1 serving the test reward model.
+
+    float32 so that its scores can be compared tightly with transformers' on the same
+    folder; on CPU, gpu_memory_utilization is a share of RAM (0.25 leaves room for the
+    float32 weights and the session's main engine).
+    """
+    port = free_port()
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(reward_model_dir), "--served-model-name", "test-rm",
+        "--runner", "pooling", "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--gpu-memory-utilization", "0.25",
+        "--enforce-eager", "--max-model-len", "1024",
+    ]  # fmt: skip
+    log = (reward_model_dir / "pooling-server.log").open("w")
+    process = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the vLLM pooling server exited; see {log.name}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the vLLM pooling server did not start in 300 s")
+            time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()

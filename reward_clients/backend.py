@@ -1,0 +1,158 @@
+"""The shared base of reward clients that call a backend (HTTP servers, local models, judges).
+
+Everything that is not I/O is written once here:
+
+- micro-batching of concurrent ``score`` calls (:mod:`reward_clients.batching`);
+- a timeout per backend call, and bounded retries with exponential backoff when the backend
+  timed out or refused the connection; after the last retry, :class:`RewardTimeout` or
+  :class:`RewardUnavailable` naming the client;
+- checks that the backend returned one finite score per candidate (a partial answer raises
+  :class:`RewardClientError`, it is never scored as zero);
+- the ``ttalign_reward_*`` metrics.
+
+A subclass implements only :meth:`BackendReward.score_items`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reward_clients.base import Message, RewardClientError, RewardTimeout, RewardUnavailable
+from reward_clients.batching import MicroBatcher
+
+
+class BackendSettings(BaseModel):
+    """Reliability and batching settings every backend client accepts in the config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_seconds: float = Field(30.0, gt=0, description="Limit of one backend call.")
+    max_retries: int = Field(2, ge=0, description="Retries after a timeout or refusal.")
+    backoff_seconds: float = Field(
+        0.2, ge=0, description="Wait before the first retry; doubles on each retry."
+    )
+    batch_window_ms: float = Field(
+        5.0, ge=0, description="How long concurrent scoring calls are gathered into one batch."
+    )
+    max_batch_size: int = Field(64, ge=1, description="Most candidates per backend call.")
+
+
+@dataclass(frozen=True)
+class ScoringItem:
+    """One candidate reply with the conversation it answers."""
+
+    conversation: tuple[Message, ...]
+    candidate: str
+
+    def messages(self) -> list[Message]:
+        """The conversation with the candidate as the final assistant turn."""
+        return [*self.conversation, {"role": "assistant", "content": self.candidate}]
+
+
+class TransientBackendError(Exception):
+    """A backend failure worth retrying: it timed out or could not be reached."""
+
+    def __init__(self, kind: Literal["timeout", "unavailable"], detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+class RewardMetrics:
+    """Records reward calls into the server's metrics; does nothing without them."""
+
+    def __init__(self, metrics: Any | None) -> None:
+        self._metrics = metrics
+
+    def record(self, client: str, outcome: str, seconds: float, batch_size: int) -> None:
+        m = self._metrics
+        if m is None:
+            return
+        m.reward_calls.labels(client, outcome).inc()
+        m.reward_latency.labels(client).observe(seconds)
+        m.reward_batch_size.labels(client).observe(batch_size)
+
+
+class BackendReward(ABC):
+    """A :class:`~reward_clients.base.RewardClient` over a batched, fallible backend."""
+
+    def __init__(
+        self, name: str, settings: BackendSettings | None = None, metrics: Any | None = None
+    ) -> None:
+        self.name = name
+        self.settings = settings or BackendSettings()
+        self._metrics = RewardMetrics(metrics)
+        self._batcher: MicroBatcher[ScoringItem, float] = MicroBatcher(
+            self._score_batch,
+            window_seconds=self.settings.batch_window_ms / 1000,
+            max_batch_size=self.settings.max_batch_size,
+        )
+
+    async def score(
+        self, conversation: Sequence[Message], candidates: Sequence[str]
+    ) -> list[float]:
+        """Score every candidate; concurrent calls may share one backend batch."""
+        frozen = tuple(dict(m) for m in conversation)
+        return await self._batcher.submit([ScoringItem(frozen, c) for c in candidates])
+
+    @abstractmethod
+    async def score_items(self, items: Sequence[ScoringItem]) -> Sequence[float]:
+        """One backend call scoring ``items``; raise :class:`TransientBackendError` to retry."""
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    async def _score_batch(self, items: list[ScoringItem]) -> list[float]:
+        s = self.settings
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                raw = await asyncio.wait_for(self.score_items(items), s.timeout_seconds)
+                scores = self._checked(raw, len(items))
+            except (TransientBackendError, TimeoutError) as exc:
+                kind = exc.kind if isinstance(exc, TransientBackendError) else "timeout"
+                if attempt < s.max_retries:
+                    await asyncio.sleep(s.backoff_seconds * 2**attempt)
+                    attempt += 1
+                    continue
+                self._record(kind, started, len(items))
+                raise self._final_error(kind, exc, attempt + 1) from exc
+            except RewardClientError:
+                self._record("error", started, len(items))
+                raise
+            except Exception as exc:
+                self._record("error", started, len(items))
+                raise RewardClientError(self.name, f"{type(exc).__name__}: {exc}") from exc
+            self._record("ok", started, len(items))
+            return scores
+
+    def _checked(self, raw: Sequence[float], expected: int) -> list[float]:
+        scores = [float(s) for s in raw]
+        if len(scores) != expected:
+            raise RewardClientError(
+                self.name, f"the backend returned {len(scores)} scores for {expected} candidates"
+            )
+        bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+        if bad:
+            raise RewardClientError(
+                self.name, f"the backend returned non-finite scores at positions {bad}"
+            )
+        return scores
+
+    def _final_error(self, kind: str, exc: BaseException, attempts: int) -> RewardClientError:
+        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        if kind == "timeout":
+            detail = str(exc) or f"no answer within {self.settings.timeout_seconds} s"
+            return RewardTimeout(self.name, f"timed out after {tries} ({detail})")
+        return RewardUnavailable(self.name, f"unavailable after {tries} ({exc})")
+
+    def _record(self, outcome: str, started: float, batch_size: int) -> None:
+        self._metrics.record(self.name, outcome, time.monotonic() - started, batch_size)

@@ -1,0 +1,166 @@
+"""LLM-as-judge reward: an expected rating read from the log-probabilities of one token.
+
+The judge sees a rubric, the conversation and one candidate reply, and the assistant turn
+is pre-filled up to the rating, so the very next token is the rating. Instead of parsing
+that token, the client asks for the top log-probabilities of that single position and
+takes the expectation of the rating over the single-digit ratings among them::
+
+    score = sum(r * p(r)) / sum(p(r))   for r in scale_min..scale_max found in the top-k
+
+If no rating token is among the top-k, the candidate cannot be scored and the call fails
+(it is never scored as zero). All candidates of one call are requested concurrently, so the
+engine batches them.
+
+Backends: the serving engine itself (an :class:`~server.engine.base.EngineClient`), or a
+remote OpenAI-compatible vLLM server (``/v1/chat/completions`` with
+``continue_final_message``, a vLLM extension).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from reward_clients.backend import BackendReward, BackendSettings, ScoringItem
+from reward_clients.base import RewardClientError
+from reward_clients.http import JsonHttp
+
+DEFAULT_RUBRIC = (
+    "Judge how well the reply serves the user: it should do what the user asked, "
+    "follow every explicit instruction about format and length, be correct, and be clear "
+    "and to the point. Replies that ignore the request, invent facts or ramble rate low."
+)
+
+#: How many alternatives of the rating position are inspected.
+TOP_LOGPROBS = 20
+#: The pre-filled start of the judge's answer; the next token is the rating.
+ANSWER_PREFIX = "Rating: "
+MAX_TRANSCRIPT_CHARS = 6000
+
+
+def judge_messages(
+    item: ScoringItem, rubric: str, scale_min: int, scale_max: int
+) -> list[dict[str, str]]:
+    """The judge's chat: instructions, the transcript to rate, and the open answer turn."""
+    transcript = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in item.conversation)[
+        -MAX_TRANSCRIPT_CHARS:
+    ]
+    instructions = (
+        f"You grade assistant replies. {rubric}\n"
+        f"Answer with one whole number from {scale_min} (worst) to {scale_max} (best), "
+        "and nothing else."
+    )
+    task = (
+        f"Conversation so far:\n{transcript}\n\n"
+        f"Reply to grade:\n{item.candidate}\n\n"
+        f"Grade the reply from {scale_min} to {scale_max}."
+    )
+    return [
+        {"role": "system", "content": instructions},
+        {"role": "user", "content": task},
+        {"role": "assistant", "content": ANSWER_PREFIX},
+    ]
+
+
+def expected_rating(
+    alternatives: Iterable[tuple[str, float]], scale_min: int, scale_max: int
+) -> float | None:
+    """The probability-weighted mean rating over rating tokens, or ``None`` if there are none."""
+    mass: dict[int, float] = {}
+    for token, logprob in alternatives:
+        text = token.strip()
+        if text.isdigit() and scale_min <= int(text) <= scale_max:
+            # The same rating can appear as several tokens (" 7" and "7"): add them up.
+            mass[int(text)] = mass.get(int(text), 0.0) + math.exp(logprob)
+    total = sum(mass.values())
+    if total <= 0:
+        return None
+    return sum(rating * p for rating, p in mass.items()) / total
+
+
+class JudgeReward(BackendReward):
+    """Rates each candidate with an LLM; the score is its expected rating on the scale."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        engine: Any = None,
+        url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        rubric: str = DEFAULT_RUBRIC,
+        scale_min: int = 1,
+        scale_max: int = 9,
+        settings: BackendSettings | None = None,
+        metrics: Any = None,
+    ) -> None:
+        if (engine is None) == (url is None):
+            raise ValueError("a judge needs exactly one of an engine or a url")
+        if not 0 <= scale_min < scale_max <= 9:
+            raise ValueError("the judge's scale must be single digits, 0 <= min < max <= 9")
+        super().__init__(name, settings, metrics)
+        self.engine = engine
+        self.model = model
+        self.rubric = rubric
+        self.scale = (scale_min, scale_max)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = JsonHttp(name, url, headers=headers) if url is not None else None
+
+    async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
+        rate = self._rate_remote if self._http is not None else self._rate_on_engine
+        alternatives = await asyncio.gather(
+            *(rate(judge_messages(item, self.rubric, *self.scale)) for item in items)
+        )
+        scores = []
+        for position, top in enumerate(alternatives):
+            score = expected_rating(top, *self.scale)
+            if score is None:
+                raise RewardClientError(
+                    self.name,
+                    f"the judge put no rating token in its top-{TOP_LOGPROBS} "
+                    f"for candidate {position}",
+                )
+            scores.append(score)
+        return scores
+
+    async def _rate_on_engine(self, messages: list[dict[str, str]]) -> list[tuple[str, float]]:
+        from server.engine.base import SamplingSettings
+
+        prompt = self.engine.render_chat(messages, continue_final_message=True)
+        sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS)
+        generation = await self.engine.generate(prompt, sampling)
+        logprobs = generation.completions[0].logprobs
+        if not logprobs:
+            raise RewardClientError(self.name, "the engine returned no log-probabilities")
+        first = logprobs[0]
+        alternatives = dict(first.top)
+        alternatives.setdefault(first.token, first.logprob)
+        return list(alternatives.items())
+
+    async def _rate_remote(self, messages: list[dict[str, str]]) -> list[tuple[str, float]]:
+        assert self._http is not None
+        payload: dict[str, Any] = {
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": TOP_LOGPROBS,
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+        }
+        if self.model is not None:
+            payload["model"] = self.model
+        answer = await self._http.post("/v1/chat/completions", payload)
+        try:
+            first = answer["choices"][0]["logprobs"]["content"][0]
+            return [(t["token"], t["logprob"]) for t in first["top_logprobs"]]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise RewardClientError(self.name, "the judge answered without logprobs") from exc
+
+    async def close(self) -> None:
+        await super().close()
+        if self._http is not None:
+            await self._http.close()

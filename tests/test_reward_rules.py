@@ -1,0 +1,134 @@
+"""Rule verifiers and IFEval checks on hand-made passing and failing texts."""
+
+from __future__ import annotations
+
+import pytest
+
+from reward_clients import ifeval_checks
+from reward_clients.rules import InvalidConstraintsError, RuleVerifierReward
+
+USER = [{"role": "user", "content": "Write something."}]
+
+# (constraint, a text that satisfies it, a text that does not)
+CASES = [
+    ({"type": "word_count", "min": 2, "max": 4}, "three short words", "one"),
+    ({"type": "word_count", "max": 3}, "a b c", "a b c d"),
+    ({"type": "char_count", "min": 5, "max": 10}, "hello!", "hi"),
+    ({"type": "char_count", "max": 5}, "short", "too long by far"),
+    (
+        {"type": "keywords", "required": ["Paris", "river"], "forbidden": ["London"]},
+        "PARIS sits on a River.",
+        "Paris, not London, has a river.",
+    ),
+    ({"type": "keywords", "required": ["seine"]}, "the Seine", "the Thames"),
+    ({"type": "regex", "pattern": r"^\d{3}-\d{4}$"}, "555-1234", "call 555-1234 now"),
+    ({"type": "regex", "pattern": r"sorry", "must_match": False}, "Sure!", "I'm sorry."),
+    ({"type": "json"}, '{"a": [1, 2]}', "{'a': 1}"),
+    ({"type": "json"}, '```json\n{"ok": true}\n```', "```json\n{nope}\n```"),
+    ({"type": "case", "case": "lower"}, "all quiet here.", "Not quiet"),
+    ({"type": "case", "case": "upper"}, "LOUD NOISES!", "Loud"),
+    (
+        {"type": "ifeval", "instruction_id": "punctuation:no_comma", "kwargs": {}},
+        "No commas here.",
+        "Commas, everywhere.",
+    ),
+    (
+        {
+            "type": "ifeval",
+            "instruction_id": "length_constraints:number_sentences",
+            "kwargs": {"relation": "less than", "num_sentences": 3},
+        },
+        "Dr. Smith went home. He slept.",
+        "One. Two. Three. Four.",
+    ),
+    (
+        {
+            "type": "ifeval",
+            "instruction_id": "change_case:capital_word_frequency",
+            "kwargs": {"capital_relation": "at least", "capital_frequency": 2},
+        },
+        "THIS is VERY loud.",
+        "This is quiet.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("constraint", "passing", "failing"), CASES)
+async def test_every_constraint_kind_passes_and_fails(
+    constraint: dict, passing: str, failing: str
+) -> None:
+    client = RuleVerifierReward().bind([constraint])
+    assert await client.score(USER, [passing, failing]) == [1.0, 0.0]
+
+
+async def test_score_is_the_fraction_satisfied() -> None:
+    client = RuleVerifierReward().bind(
+        [
+            {"type": "word_count", "max": 3},
+            {"type": "case", "case": "lower"},
+            {"type": "keywords", "required": ["cat"]},
+            {"type": "json"},
+        ]
+    )
+    scores = await client.score(USER, ["a cat", "A Cat sat down", "[1, 2]"])
+    assert scores == [0.75, 0.25, 0.5]
+
+
+async def test_ifeval_checks_get_the_prompt() -> None:
+    prompt = "Repeat this request word for word, then answer: what is 2+2?"
+    kwargs = {"prompt_to_repeat": prompt}
+    assert ifeval_checks.check_instruction(
+        "combination:repeat_prompt", kwargs, prompt + " It is 4.", prompt
+    )
+    assert not ifeval_checks.check_instruction(
+        "combination:repeat_prompt", kwargs, "It is 4.", prompt
+    )
+
+
+def test_loose_check_forgives_a_preamble_line() -> None:
+    response = "Sure, here it is:\nno commas at all here"
+    assert not ifeval_checks.check_instruction("punctuation:no_comma", {}, response)
+    assert ifeval_checks.check_loose("punctuation:no_comma", {}, response)
+    assert not ifeval_checks.check_loose("punctuation:no_comma", {}, "")
+
+
+def test_every_ifeval_id_is_known() -> None:
+    ids = ifeval_checks.instruction_ids()
+    assert "length_constraints:number_sentences" in ids and len(ids) >= 25
+
+
+@pytest.mark.parametrize(
+    ("constraints", "param", "words"),
+    [
+        ([{"type": "word_count", "min": 5, "max": 2}], "constraints[0].max", "below min"),
+        ([{"type": "word_count", "max": -1}], "constraints[0].max", "greater than"),
+        ([{"type": "json"}, {"type": "colour"}], "constraints[1].type", "word_count"),
+        ([{"type": "keywords", "required": [3]}], "constraints[0].required[0]", "string"),
+        ([{"type": "case", "case": "title"}], "constraints[0].case", "lower"),
+        ([{"type": "json", "extra": 1}], "constraints[0].extra", "not permitted"),
+        ([{"type": "regex", "pattern": "(a+)+$"}], "constraints[0].pattern", "nested"),
+        ([{"type": "regex", "pattern": "(unclosed"}], "constraints[0].pattern", "invalid"),
+        ([{"type": "regex", "pattern": "x" * 600}], "constraints[0].pattern", "at most"),
+        (
+            [{"type": "ifeval", "instruction_id": "made:up"}],
+            "constraints[0].instruction_id",
+            "made:up",
+        ),
+        (
+            [{"type": "ifeval", "instruction_id": "punctuation:no_comma", "kwargs": {"x": 1}}],
+            "constraints[0].kwargs",
+            "invalid kwargs",
+        ),
+    ],
+)
+def test_invalid_constraints_name_the_field(constraints: list, param: str, words: str) -> None:
+    with pytest.raises(InvalidConstraintsError) as caught:
+        RuleVerifierReward().bind(constraints)
+    assert caught.value.param == param
+    assert words in str(caught.value)
+
+
+def test_rules_without_constraints_is_an_error() -> None:
+    with pytest.raises(InvalidConstraintsError, match="sent none") as caught:
+        RuleVerifierReward().bind([])
+    assert caught.value.param == "constraints"
