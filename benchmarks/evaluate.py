@@ -152,13 +152,14 @@ def _shown_path(path: Path) -> str:
 
 
 def _warn_failures(result: RunResult) -> None:
-    errors = [r["error"] for r in result.records if r["error"]]
-    if errors:
-        print(
-            f"{result.spec.label}: {len(errors)} of {len(result.records)} requests failed; "
-            f"first: {errors[0]}",
-            file=sys.stderr,
-        )
+    for key, what in (("error", "requests"), ("reward_error", "reward scorings")):
+        errors = [r[key] for r in result.records if r.get(key)]
+        if errors:
+            print(
+                f"{result.spec.label}: {len(errors)} of {len(result.records)} {what} failed; "
+                f"first: {errors[0]}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:

@@ -281,3 +281,6 @@ def test_harness_end_to_end_on_fake_server(fake_server: RunningServer, tmp_path)
             assert 0.0 <= run["metrics"][key] <= 1.0
     assert "| metric | none | greedy |" in paths["md"].read_text()
     assert paths["png"].read_bytes().startswith(b"\x89PNG")
+
+    redrawn = evaluate.main(["--render", str(paths["json"]), "--output-dir", str(tmp_path / "re")])
+    assert redrawn["md"].read_text() == paths["md"].read_text()

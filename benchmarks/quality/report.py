@@ -64,10 +64,15 @@ def markdown_table(document: dict[str, Any]) -> str:
             metric["description"],
             [format_value(r["metrics"].get(metric["key"]), metric["percent"]) for r in runs],
         )
+    scored = document["settings"]["scored"]
     for key, description, percent in REWARD_ROWS:
-        if any(r["metrics"].get(key) is not None for r in runs):
+        if (key == "mean_reward" and scored) or any(
+            r["metrics"].get(key) is not None for r in runs
+        ):
             row(description, [format_value(r["metrics"].get(key), percent) for r in runs])
     row("prompts (failed requests)", [_count(r["cost"]) for r in runs])
+    if scored:
+        row("outputs the score reward failed on", [str(r["cost"]["n_reward_errors"]) for r in runs])
     for key, description in COST_ROWS:
         row(description, [format_value(r["cost"].get(key)) for r in runs])
 
