@@ -41,3 +41,11 @@ def test_invalid_setting_exits_with_a_message() -> None:
     )
     assert result.returncode != 0
     assert "max_n" in result.stderr
+
+
+def test_readme_configuration_reference_lists_every_setting() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in ServerSettings.model_fields:
+        assert f"`TTALIGN_{name.upper()}`" in readme, f"README lacks TTALIGN_{name.upper()}"

