@@ -258,28 +258,43 @@ def test_harness_end_to_end_on_fake_server(fake_server: RunningServer, tmp_path)
             "2",
             "--max-tokens",
             "32",
+            "--reward",
+            "rules",
+            "--score-reward",
+            "rules",
             "--run",
             "none",
             "--run",
-            "greedy=none",
+            'bon2=best_of_n:{"n":2}',
             "--output-dir",
             str(tmp_path),
             "--no-progress",
         ]
     )
-    assert {p.name for p in paths.values()} == {"ifeval.json", "ifeval.md", "ifeval.png"}
+    names = {p.name for p in paths.values()}
+    assert names == {"ifeval-rules.json", "ifeval-rules.md", "ifeval-rules.png"}
     document = json.loads(paths["json"].read_text())
     assert document["server"]["model"] == "fake-model"
-    assert [r["label"] for r in document["runs"]] == ["none", "greedy"]
-    for run in document["runs"]:
+    baseline, bon = document["runs"]
+    assert (baseline["label"], bon["label"]) == ("none", "bon2")
+    assert baseline["request"] == {"strategy": "none"}
+    assert bon["request"] == {
+        "strategy": "best_of_n",
+        "strategy_config": {"n": 2},
+        "reward": "rules",
+    }
+    assert bon["cost"]["mean_candidates_generated"] == 2
+    assert baseline["metrics"]["strategy_reward"] is None
+    assert 0.0 <= bon["metrics"]["strategy_reward"] <= 1.0
+    for run in (baseline, bon):
         assert run["cost"]["n_prompts"] == 3
-        assert run["cost"]["n_errors"] == 0
+        assert run["cost"]["n_errors"] == run["cost"]["n_reward_errors"] == 0
         assert run["cost"]["mean_engine_calls"] == 1
-        assert run["cost"]["mean_candidates_generated"] == 1
-        assert all(o["output"] == "candidate 0" for o in run["outputs"])
+        assert all(o["output"].startswith("candidate ") for o in run["outputs"])
         for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
             assert 0.0 <= run["metrics"][key] <= 1.0
-    assert "| metric | none | greedy |" in paths["md"].read_text()
+        assert 0.0 <= run["metrics"]["mean_reward"] <= 1.0
+    assert "| metric | none | bon2 |" in paths["md"].read_text()
     assert paths["png"].read_bytes().startswith(b"\x89PNG")
 
     redrawn = evaluate.main(["--render", str(paths["json"]), "--output-dir", str(tmp_path / "re")])

@@ -6,7 +6,6 @@ Modules, one job each:
 - :mod:`.client`: talks to the server (chat completions, reward scoring, model lookup);
 - :mod:`.suites`: the prompt-set interface and the registry of suites by name;
 - :mod:`.ifeval`, :mod:`.xstest`, :mod:`.alpaca`: the three prompt sets;
-- :mod:`.ifeval_checks`: IFEval's instruction checkers behind a two-function interface;
 - :mod:`.refusal`: the string-match refusal classifier used for XSTest;
 - :mod:`.harness`: runs one spec over a suite concurrently and aggregates metrics and cost;
 - :mod:`.report`: writes the JSON result, the markdown table and the PNG plot.

@@ -5,7 +5,8 @@ Metrics, as IFEval defines them:
 - prompt-level accuracy: the share of prompts whose instructions *all* pass;
 - instruction-level accuracy: the share of all instructions (over every prompt) that pass;
 
-each under the strict check and the loose one (see :mod:`benchmarks.quality.ifeval_checks`).
+each under IFEval's strict check and its loose one, from :mod:`reward_clients.ifeval_checks`
+(the same checks the rule-verifier reward uses, so harness and reward agree on a pass).
 
 Every request carries the prompt's instructions as ``constraints`` of type ``ifeval``, so
 a rule-verifier reward (``reward="rules"``) can steer by them; other rewards ignore them.
@@ -18,13 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.quality.suites import Item, Metric, Suite, mean
-
-try:
-    from reward_clients.ifeval_checks import check_instruction, check_loose
-except ModuleNotFoundError as exc:
-    if exc.name != "reward_clients.ifeval_checks":
-        raise
-    from benchmarks.quality.ifeval_checks import check_instruction, check_loose
+from reward_clients.ifeval_checks import check_instruction, check_loose
 
 
 def _used_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
