@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -117,7 +117,7 @@ async def evaluate_run(
 
     started = time.perf_counter()
     records = await _gather(
-        [lambda item=item: generate(item) for item in items],
+        [generate(item) for item in items],
         settings.concurrency,
         f"{spec.label}: generate",
         settings.progress,
@@ -143,7 +143,7 @@ async def evaluate_run(
                 record["reward"] = scores[0]
 
         await _gather(
-            [lambda i=i, r=r: reward(i, r) for i, r in answered],
+            [reward(item, record) for item, record in answered],
             settings.concurrency,
             f"{spec.label}: score",
             settings.progress,
@@ -184,15 +184,15 @@ def run_cost(records: list[dict[str, Any]], run_wall: float) -> dict[str, float 
 
 
 async def _gather(
-    jobs: list[Callable[[], Awaitable[T]]], concurrency: int, desc: str, progress: bool
+    jobs: list[Coroutine[Any, Any, T]], concurrency: int, desc: str, progress: bool
 ) -> list[T]:
-    """Run ``jobs`` at most ``concurrency`` at a time, in order, with a progress bar."""
+    """Await ``jobs`` at most ``concurrency`` at a time; results in order; a progress bar."""
     gate = asyncio.Semaphore(concurrency)
     with tqdm(total=len(jobs), desc=desc, unit="prompt", disable=not progress) as bar:
 
-        async def one(job: Callable[[], Awaitable[T]]) -> T:
+        async def one(job: Coroutine[Any, Any, T]) -> T:
             async with gate:
-                result = await job()
+                result = await job
             bar.update()
             return result
 
