@@ -339,6 +339,7 @@ class ChatCompletionService:
 
     def _alignment(self, prepared: PreparedRequest, result: StrategyResult) -> dict[str, Any]:
         engine_usage = prepared.context.engine.usage
+        reward_usage = prepared.context.rewards.usage
         alignment: dict[str, Any] = {
             "strategy": prepared.strategy.name,
             "rounds": result.rounds,
@@ -349,6 +350,8 @@ class ChatCompletionService:
             "rewards": [c.reward for c in result.choices],
             "stopped_early": result.stopped_early,
             "engine_tokens": usage(engine_usage.prompt_tokens, engine_usage.completion_tokens),
+            "reward_calls": reward_usage.calls,
+            "reward_seconds": round(reward_usage.seconds, 4),
         }
         if result.trace is not None:
             alignment["trace"] = result.trace

@@ -106,15 +106,45 @@ class ResultEvent:
 StreamEvent = ProgressEvent | DeltaEvent | ResultEvent
 
 
+@dataclass
+class RewardUsage:
+    """Reward work done on behalf of one request."""
+
+    calls: int = 0
+    candidates: int = 0
+    seconds: float = 0.0
+
+
+class MeteredReward:
+    """Delegates to a reward client, adding each call's cost to a shared :class:`RewardUsage`."""
+
+    def __init__(self, client: Any, usage: RewardUsage) -> None:
+        self._client = client
+        self._usage = usage
+        self.name: str = client.name
+
+    async def score(
+        self, conversation: Sequence[dict[str, str]], candidates: Sequence[str]
+    ) -> list[float]:
+        started = time.monotonic()
+        try:
+            return await self._client.score(conversation, candidates)
+        finally:
+            self._usage.calls += 1
+            self._usage.candidates += len(candidates)
+            self._usage.seconds += time.monotonic() - started
+
+
 class RewardResolver:
     """Looks up configured reward clients by name; a request can only name, never define, one."""
 
     def __init__(self, lookup: Callable[[str | None], Any]) -> None:
         self._lookup = lookup
+        self.usage = RewardUsage()
 
     def get(self, name: str | None = None) -> Any:
-        """The reward client called ``name``, or the server's default for ``None``."""
-        return self._lookup(name)
+        """The reward client called ``name`` (server default for ``None``), metered."""
+        return MeteredReward(self._lookup(name), self.usage)
 
 
 @dataclass
