@@ -136,6 +136,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("candidates generated per prompt")
         ax.set_ylabel(legend.get(key, {}).get("description", key) + (" (%)" if percent else ""))
         ax.set_title(f"{document['suite']}: {key}")
+        ax.margins(x=0.15)
         ax.grid(alpha=0.3)
         if by_strategy:
             ax.legend(fontsize=8)
