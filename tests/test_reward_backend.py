@@ -95,7 +95,7 @@ async def test_transient_failures_are_retried() -> None:
 async def test_retries_are_bounded_then_name_the_client(failure: str, error: type) -> None:
     metrics = Metrics()
     backend = ScriptedBackend(settings(max_retries=1), metrics, failures=99, failure=failure)
-    with pytest.raises(error, match="'scripted'.*after 2 attempts") as caught:
+    with pytest.raises(error, match=r"'scripted'.*after 2 attempts") as caught:
         await backend.score(CHAT, ["abc"])
     assert caught.value.client == "scripted" and caught.value.status_code == 503
     assert len(backend.calls) == 2
