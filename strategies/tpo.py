@@ -12,22 +12,21 @@ feedback: each round samples ``width`` fresh responses, the same compute as plai
 
 Fallbacks, so that a model that ignores the format never fails a request:
 
-=====================================  ===========================================================
-model output                           what happens
-=====================================  ===========================================================
-empty loss                             replaced by the ``tpo.fallback_loss`` text
-empty gradient (critique)              replaced by the ``tpo.fallback_gradient`` instruction
-loss or gradient hits its max tokens   used as truncated (its finish reason is in the trace)
-update starts "Improved response:"     that preamble line is removed
-update output empty                    dropped; the cache is unchanged
-update output already in the cache     dropped without scoring again
-update hits its max tokens             kept and scored; returned with finish_reason ``length``
-no update output survives              the round adds nothing; the next round critiques again
-only one distinct response cached      that round critiques it alone (as in ``revision``)
-engine rejects a round's prompt        search stops; best so far, ``stopped_early``
-reward backend fails after round 0     search stops; best so far, ``stopped_early``
-deadline passes                        the running step is cancelled; best so far, ``stopped_early``
-=====================================  ===========================================================
+- empty loss -> the ``tpo.fallback_loss`` text stands in for it;
+- empty gradient -> the ``tpo.fallback_gradient`` generic instruction stands in for it;
+- loss or gradient cut at its max tokens -> used as it is (finish reason in the trace);
+- update output with a "Here is the new response:" header -> only the text after the
+  last such header is kept;
+- update output empty -> dropped, the cache is unchanged;
+- update output already in the cache -> dropped without scoring it again;
+- update output cut at its max tokens -> kept and scored; returned with ``length``;
+- no update output survives -> the round adds nothing; the next one critiques again;
+- best and worst are the same response (one distinct response, or all tied) -> that
+  round critiques it alone, as ``revision`` does;
+- the engine rejects a round's prompt (too long) -> stop, best so far, ``stopped_early``;
+- the reward backend fails after the first sampling -> stop, best so far, ``stopped_early``;
+- the deadline passes -> the running step is cancelled (its engine work aborted); best so
+  far, ``stopped_early``.
 
 The first sampling always runs to completion: without it there is nothing to return.
 """
@@ -61,12 +60,13 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["tpo", "revision", "bon"]
 
-#: A first line like "Here is an improved response:" that small models put before the answer.
-_PREAMBLE = re.compile(
-    r"\A\s*(?:here(?:'s| is)\s+(?:an?\s+|the\s+|my\s+)?)?"
+#: A header such as "Here is an improved response:" that small models write before the
+#: response they were asked for, often after echoing the old one or commenting on it.
+_RESPONSE_HEADER = re.compile(
+    r"^\W*(?:here(?:'s| is)\s+(?:an?|the|my)\s+)?"
     r"(?:improved|revised|updated|new|better|rewritten)\s+(?:reply|response|answer|version)\b"
-    r"[^\n]{0,40}?:[ \t]*\n?",
-    re.IGNORECASE,
+    r"[^\n:]{0,40}:[*_]*",
+    re.IGNORECASE | re.MULTILINE,
 )
 
 
@@ -210,7 +210,7 @@ class _Search:
         )
         update_messages = self.prompts.update_messages(gradient_messages, gradient, self.query)
         completions = await self._generate(update_messages, self._response_tokens("update"))
-        await self._admit([_strip_preamble(c, self.ctx) for c in completions], number, record)
+        await self._admit([_after_header(c, self.ctx) for c in completions], number, record)
 
     async def _critique(
         self, messages: list[Message], step: str, fallback: str, record: dict[str, Any]
@@ -330,17 +330,17 @@ class _Search:
         )
 
 
-def _strip_preamble(completion: Completion, ctx: StrategyContext) -> Completion:
-    """Drop a leading "Improved response:" line, unless nothing would be left."""
-    match = _PREAMBLE.match(completion.text)
-    if match is None or not completion.text[match.end() :].strip():
+def _after_header(completion: Completion, ctx: StrategyContext) -> Completion:
+    """Keep only what follows the last "New response:" header, unless nothing follows it."""
+    headers = list(_RESPONSE_HEADER.finditer(completion.text))
+    if not headers or not completion.text[headers[-1].end() :].strip():
         return completion
-    text = completion.text[match.end() :].lstrip()
+    text = completion.text[headers[-1].end() :].strip()
     kept = ctx.engine.count_tokens(text)
     return Completion(
         index=completion.index,
         text=text,
-        # The answer is the tail of what was generated; usage counts only its tokens.
+        # The response is the tail of what was generated; usage counts only its tokens.
         token_ids=completion.token_ids[-kept:] if kept else (),
         finish_reason=completion.finish_reason,
         logprobs=None,  # they no longer line up with the text

@@ -324,14 +324,25 @@ async def test_update_that_repeats_a_cached_response_is_not_rescored() -> None:
     assert result.candidates_scored == 2
 
 
-async def test_preamble_before_the_improved_response_is_removed() -> None:
-    update = ["Here is an improved response:\nA banana.", "Revised answer: A plum.", "Improved:"]
-    script = StepScript(sample=[["a", "bb", "c"]], loss=["l"], gradient=["g"], update=[update])
+@pytest.mark.parametrize(
+    ("output", "kept"),
+    [
+        ("Here is an improved response:\nA banana.", "A banana."),
+        ("Revised answer: A plum.", "A plum."),
+        ("**New response:**\n\nA pear.", "A pear."),
+        ("An old reply.\n\nHere's a rewritten response:\n\nA lime, and", "A lime, and"),
+        ("Improved response:", "Improved response:"),
+        ("Improved: a fig.", "Improved: a fig."),
+        ("A new answer to the riddle: a date.", "A new answer to the riddle: a date."),
+    ],
+)
+async def test_text_after_a_new_response_header_is_kept(output: str, kept: str) -> None:
+    script = StepScript(sample=[["a", "bb"]], loss=["l"], gradient=["g"], update=[[output, "c"]])
     reward = FakeReward(lambda t: len(t))
-    result = await run_tpo(make_ctx(FakeEngine(script), reward), depth=1, width=3)
-    assert reward.batches[1] == ["A banana.", "A plum.", "Improved:"]
-    assert result.choices[0].text == "A banana."
-    assert result.choices[0].num_tokens == 2
+    result = await run_tpo(make_ctx(FakeEngine(script), reward), depth=1, width=2)
+    assert reward.batches[1][0] == kept
+    assert result.choices[0].text == kept
+    assert result.choices[0].num_tokens == len(kept.split())
 
 
 async def test_runaway_update_is_kept_with_finish_reason_length() -> None:
