@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 from pydantic import ValidationError
@@ -558,6 +559,14 @@ def test_streamed_tpo_reports_progress_then_the_answer(tpo_server: RunningServer
     first_content = next(i for i, c in enumerate(chunks) if c.choices)
     assert first_content == len(progress), "progress comes before the answer"
     assert chunks[-1].model_extra["alignment"]["rewards"] == [2.0]
+
+
+def test_strategies_endpoint_lists_tpo(tpo_server: RunningServer) -> None:
+    data = httpx.get(f"{tpo_server.api_url}/strategies").json()["data"]
+    schema = next(s for s in data if s["name"] == "tpo")["config_schema"]
+    assert {"mode", "depth", "width", "reward", "generation", "feedback", "max_tokens"} <= set(
+        schema["properties"]
+    )
 
 
 def test_non_streamed_tpo_and_width_cap(tpo_server: RunningServer) -> None:
