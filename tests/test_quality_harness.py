@@ -183,6 +183,8 @@ def _record(elapsed: float, calls: int, generated: int, error: str | None = None
             "candidates_generated": generated,
             "candidates_scored": generated,
             "stopped_early": False,
+            "reward_calls": 1 if generated > 1 else 0,
+            "reward_seconds": 0.25 if generated > 1 else 0.0,
             "engine_tokens": {"completion_tokens": 10 * generated},
         },
     }
@@ -196,6 +198,7 @@ def test_run_cost_means_over_answered_prompts() -> None:
     assert cost["mean_wall_seconds"] == pytest.approx(2.1)
     assert cost["mean_candidates_generated"] == 4.0
     assert cost["mean_engine_completion_tokens"] == 40.0
+    assert cost["mean_reward_seconds"] == 0.25
     assert cost["stopped_early"] == 0
 
 

@@ -177,6 +177,8 @@ def run_cost(records: list[dict[str, Any]], run_wall: float) -> dict[str, float 
         "mean_engine_calls": per_prompt("engine_calls"),
         "mean_candidates_generated": per_prompt("candidates_generated"),
         "mean_candidates_scored": per_prompt("candidates_scored"),
+        "mean_reward_calls": per_prompt("reward_calls"),
+        "mean_reward_seconds": per_prompt("reward_seconds"),
         "mean_engine_completion_tokens": mean([float(t) for t in tokens if t is not None]),
         "stopped_early": sum(bool(r["alignment"].get("stopped_early")) for r in answered),
         "n_reward_errors": sum(r.get("reward_error") is not None for r in answered),

@@ -27,6 +27,8 @@ COST_ROWS = (
     ("mean_engine_calls", "engine calls per prompt"),
     ("mean_candidates_generated", "candidates generated per prompt"),
     ("mean_candidates_scored", "candidates scored per prompt"),
+    ("mean_reward_calls", "reward calls per prompt"),
+    ("mean_reward_seconds", "reward scoring time per prompt (s)"),
     ("mean_engine_completion_tokens", "completion tokens generated per prompt"),
     ("run_wall_seconds", "wall time of the whole run (s)"),
     ("stopped_early", "prompts stopped early at a deadline"),
