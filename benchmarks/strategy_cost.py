@@ -140,11 +140,107 @@ def bon_markdown(r: dict[str, Any]) -> str:
     )
 
 
+# --- TPO ----------------------------------------------------------------------------------
+
+
+async def tpo_benchmark(ep: Endpoints, args: argparse.Namespace) -> dict[str, Any]:
+    depth, width, tokens = args.depth, args.width, args.max_tokens
+    config = {
+        "depth": depth,
+        "width": width,
+        "max_tokens": {"sample": tokens, "loss": tokens, "gradient": tokens, "update": tokens},
+    }
+    body = {
+        "max_tokens": tokens,
+        "strategy": "tpo",
+        "strategy_config": config,
+        "reward": "rules",
+        "constraints": CONSTRAINTS,
+    }
+
+    async def tpo_once() -> tuple[float, dict[str, Any]]:
+        return await ep.chat(ep.ttalign_url, body)
+
+    async def plain(n: int) -> float:
+        seconds, _ = await ep.chat(ep.vllm_url, {"max_tokens": tokens, "n": n, "temperature": 0.7})
+        return seconds
+
+    rows = []
+    for _ in range(args.repeats):
+        tpo_seconds, response = await tpo_once()
+        alignment = response["alignment"]
+        assert alignment["engine_calls"] == 1 + 3 * depth, alignment
+        # The critical path: sample, then loss -> gradient -> update per round, each as a
+        # plain vLLM call of the same n and max_tokens, plus the reward calls TPO made.
+        steps = [await plain(width)]
+        for _round in range(depth):
+            steps += [await plain(1), await plain(1), await plain(width)]
+        bound = sum(steps) + alignment["reward_seconds"]
+        rows.append(
+            {
+                "tpo_seconds": tpo_seconds,
+                "bound_seconds": bound,
+                "reward_seconds": alignment["reward_seconds"],
+                "ratio": tpo_seconds / bound,
+            }
+        )
+
+    single_started = time.perf_counter()
+    await tpo_once()
+    single = time.perf_counter() - single_started
+    concurrent_started = time.perf_counter()
+    await asyncio.gather(*(tpo_once() for _ in range(args.concurrency)))
+    concurrent = time.perf_counter() - concurrent_started
+    return {
+        "depth": depth,
+        "width": width,
+        "max_tokens_per_step": tokens,
+        "repeats": args.repeats,
+        "median_tpo_seconds": statistics.median(r["tpo_seconds"] for r in rows),
+        "median_bound_seconds": statistics.median(r["bound_seconds"] for r in rows),
+        "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "rows": rows,
+        "single_request_seconds": single,
+        "concurrent_requests": args.concurrency,
+        "concurrent_seconds": concurrent,
+        "throughput_gain": (args.concurrency / concurrent) / (1 / single),
+    }
+
+
+def tpo_markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"# TPO (D={r['depth']}, N={r['width']}) vs its critical-path bound",
+        "",
+        f"{r['max_tokens_per_step']} tokens per step (ignore_eos), reward: rule verifiers. "
+        "Bound = one plain vLLM call per sequential step (sample n=N; per round: loss n=1, "
+        "gradient n=1, update n=N) + TPO's own reward time.",
+        "",
+        "| run | TPO s | bound s | reward s | TPO / bound |",
+        "|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(r["rows"]):
+        lines.append(
+            f"| {i} | {row['tpo_seconds']:.2f} | {row['bound_seconds']:.2f} | "
+            f"{row['reward_seconds']:.3f} | {row['ratio']:.3f} |"
+        )
+    lines += [
+        "",
+        f"**Median TPO / bound: {r['median_ratio']:.3f}** (goal ≤ 1.2)",
+        "",
+        f"Concurrency: 1 request took {r['single_request_seconds']:.1f} s; "
+        f"{r['concurrent_requests']} at once took {r['concurrent_seconds']:.1f} s — "
+        f"**{r['throughput_gain']:.2f}× the throughput** of one at a time.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 # --- driver -------------------------------------------------------------------------------
 
 
 BENCHMARKS: dict[str, tuple[Callable[..., Awaitable[dict[str, Any]]], Callable[..., str]]] = {
     "bon": (bon_benchmark, bon_markdown),
+    "tpo": (tpo_benchmark, tpo_markdown),
 }
 
 
@@ -166,6 +262,9 @@ def main() -> None:
     )
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
     parser.add_argument("--n", type=int, default=8, help="BoN's N")
+    parser.add_argument("--depth", type=int, default=2, help="TPO's D")
+    parser.add_argument("--width", type=int, default=5, help="TPO's N")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent TPO requests")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
