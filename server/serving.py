@@ -139,6 +139,7 @@ class ChatCompletionService:
             prompt_overrides=self.prompt_overrides,
             deadline=started + min(deadlines) if deadlines else None,
         )
+        strategy.check(context.request, config)
         return PreparedRequest(
             request, strategy, config, context, ResponseHeader(self.engine.model_name), started
         )

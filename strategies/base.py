@@ -195,6 +195,13 @@ class Strategy(ABC, Generic[ConfigT]):
     #: Whether this strategy consults a reward client (so ``reward`` names are validated).
     uses_reward: ClassVar[bool] = False
 
+    def check(self, request: AlignmentRequest, config: ConfigT) -> None:
+        """Reject a request this strategy cannot serve, before any engine work.
+
+        Called by the server while validating, so a bad combination is a 400 even for a
+        streaming request. Raise :class:`server.errors.InvalidRequestError` naming the param.
+        """
+
     @abstractmethod
     async def run(self, ctx: StrategyContext, config: ConfigT) -> StrategyResult:
         """Produce the request's choices."""

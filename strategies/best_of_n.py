@@ -13,18 +13,22 @@ from typing import Any
 
 from pydantic import Field
 
-from reward_clients.base import RewardClientError
-from server.engine.base import Completion
 from server.errors import InvalidRequestError
 from server.protocol import RewardName
 from strategies.base import (
-    ChoiceResult,
+    AlignmentRequest,
     Strategy,
     StrategyConfig,
     StrategyContext,
     StrategyResult,
 )
 from strategies.registry import register_strategy
+from strategies.selection import (
+    ScoredCandidate,
+    check_candidate_cap,
+    score_completions,
+    top_distinct,
+)
 
 
 class BestOfNConfig(StrategyConfig):
@@ -40,15 +44,6 @@ class BestOfNConfig(StrategyConfig):
     )
 
 
-def rank_distinct(scores: list[float], texts: list[str], k: int) -> list[int]:
-    """Indices of the ``k`` best candidates, distinct texts first; ties keep sample order."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    seen: set[str] = set()
-    distinct = [i for i in order if not (texts[i] in seen or seen.add(texts[i]))]
-    fill = [i for i in order if i not in distinct]
-    return (distinct + fill)[:k]
-
-
 @register_strategy
 class BestOfN(Strategy[BestOfNConfig]):
     name = "best_of_n"
@@ -59,15 +54,8 @@ class BestOfN(Strategy[BestOfNConfig]):
     config_model = BestOfNConfig
     uses_reward = True
 
-    async def run(self, ctx: StrategyContext, config: BestOfNConfig) -> StrategyResult:
-        request = ctx.request
-        if config.n > request.max_candidates:
-            raise InvalidRequestError(
-                f"strategy_config.n is {config.n}, but this server samples at most "
-                f"{request.max_candidates} candidates.",
-                param="strategy_config.n",
-                code="invalid_value",
-            )
+    def check(self, request: AlignmentRequest, config: BestOfNConfig) -> None:
+        check_candidate_cap(config.n, request, "strategy_config.n")
         if request.n > config.n:
             raise InvalidRequestError(
                 f"n is {request.n}, but best_of_n samples only {config.n} candidates "
@@ -75,6 +63,9 @@ class BestOfN(Strategy[BestOfNConfig]):
                 param="n",
                 code="invalid_value",
             )
+
+    async def run(self, ctx: StrategyContext, config: BestOfNConfig) -> StrategyResult:
+        request = ctx.request
         reward = ctx.rewards.get(config.reward or request.reward)
         sampling = replace(
             request.sampling,
@@ -83,44 +74,37 @@ class BestOfN(Strategy[BestOfNConfig]):
             top_p=config.top_p if config.top_p is not None else request.sampling.top_p,
         )
         generation = await ctx.sample(request.messages, sampling)
-        candidates = list(generation.completions)
-        ctx.report(stage="scoring", candidates=len(candidates))
-        texts = [c.text for c in candidates]
-        scores = list(await reward.score(request.messages, texts))
-        if len(scores) != len(texts):
-            raise RewardClientError(
-                reward.name, f"returned {len(scores)} scores for {len(texts)} candidates"
-            )
-        chosen = rank_distinct(scores, texts, request.n)
+        ctx.report(stage="scoring", candidates=len(generation.completions))
+        scored = await score_completions(reward, request.messages, generation.completions)
+        chosen = top_distinct(scored, request.n)
         return StrategyResult(
-            choices=[_choice(candidates[i], scores[i]) for i in chosen],
-            candidates_scored=len(texts),
-            trace=_trace(reward.name, candidates, scores, chosen, request.return_trace),
+            choices=[candidate.choice() for candidate in chosen],
+            candidates_scored=len(scored),
+            trace=_trace(reward.name, scored, chosen, request.return_trace),
             prompt_tokens=generation.prompt_tokens,
         )
 
 
-def _choice(completion: Completion, reward: float) -> ChoiceResult:
-    return ChoiceResult(
-        completion.text,
-        completion.finish_reason,
-        completion.num_tokens,
-        reward=reward,
-        logprobs=completion.logprobs,
-    )
-
-
 def _trace(
     reward_name: str,
-    candidates: list[Completion],
-    scores: list[float],
-    chosen: list[int],
+    scored: list[ScoredCandidate],
+    chosen: list[ScoredCandidate],
     with_candidates: bool,
 ) -> dict[str, Any]:
-    trace: dict[str, Any] = {"reward": reward_name, "rewards": scores, "chosen": chosen}
+    positions = [next(i for i, c in enumerate(scored) if c is pick) for pick in chosen]
+    trace: dict[str, Any] = {
+        "reward": reward_name,
+        "rewards": [c.score for c in scored],
+        "chosen": positions,
+    }
     if with_candidates:
         trace["candidates"] = [
-            {"text": c.text, "reward": s, "finish_reason": c.finish_reason, "tokens": c.num_tokens}
-            for c, s in zip(candidates, scores, strict=True)
+            {
+                "text": c.text,
+                "reward": c.score,
+                "finish_reason": c.finish_reason,
+                "tokens": c.num_tokens,
+            }
+            for c in scored
         ]
     return trace

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reward_clients.base import RewardClientError
 from server.engine.base import Completion, FinishReason, TokenLogprob
 from server.errors import InvalidRequestError
 from strategies.base import AlignmentRequest, ChoiceResult
@@ -70,9 +71,8 @@ async def score_texts(
         return []
     scores = await reward.score(conversation, list(texts))
     if len(scores) != len(texts):
-        raise ValueError(
-            f"reward client {getattr(reward, 'name', reward)!r} returned {len(scores)} scores "
-            f"for {len(texts)} candidates"
+        raise RewardClientError(
+            reward.name, f"returned {len(scores)} scores for {len(texts)} candidates"
         )
     return [float(s) for s in scores]
 

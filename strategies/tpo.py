@@ -43,7 +43,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reward_clients.base import RewardClientError
 from server.engine.base import Completion, EngineRequestError, SamplingSettings
-from strategies.base import Strategy, StrategyConfig, StrategyContext, StrategyResult
+from strategies.base import (
+    AlignmentRequest,
+    Strategy,
+    StrategyConfig,
+    StrategyContext,
+    StrategyResult,
+)
 from strategies.registry import register_strategy
 from strategies.selection import (
     ScoredCandidate,
@@ -126,8 +132,10 @@ class TestTimePreferenceOptimization(Strategy[TPOConfig]):
     config_model = TPOConfig
     uses_reward = True
 
+    def check(self, request: AlignmentRequest, config: TPOConfig) -> None:
+        check_candidate_cap(config.width, request, "strategy_config.width")
+
     async def run(self, ctx: StrategyContext, config: TPOConfig) -> StrategyResult:
-        check_candidate_cap(config.width, ctx.request, "strategy_config.width")
         return await _Search(ctx, config).run()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 from reward_clients.registry import RewardRegistry
@@ -14,7 +15,8 @@ from server.engine.metering import MeteredEngine
 from server.errors import InvalidRequestError
 from server.metrics import Metrics
 from strategies.base import AlignmentRequest, RewardResolver, StrategyContext
-from strategies.best_of_n import BestOfN, BestOfNConfig, rank_distinct
+from strategies.best_of_n import BestOfN, BestOfNConfig
+from strategies.selection import ScoredCandidate, top_distinct
 from tests.conftest import fake_settings
 from tests.fakes import FakeEngine, FakeReward
 from tests.servers import RunningServer, serve_in_thread
@@ -58,10 +60,17 @@ async def test_n_returns_distinct_candidates_best_first() -> None:
     assert "candidates" not in result.trace  # texts only with return_trace
 
 
-def test_rank_distinct_fills_with_duplicates_only_when_needed() -> None:
-    assert rank_distinct([1.0, 3.0, 3.0, 2.0], ["a", "b", "b", "c"], 3) == [1, 3, 0]
-    assert rank_distinct([1.0, 1.0], ["same", "same"], 2) == [0, 1]
-    assert rank_distinct([2.0, 2.0, 1.0], ["a", "b", "c"], 1) == [0]  # ties: sample order
+def test_top_distinct_fills_with_duplicates_only_when_needed() -> None:
+    def ranked(scores: list[float], texts: list[str], k: int) -> list[str]:
+        scored = [
+            ScoredCandidate(t, s, "stop", 1, round=i)
+            for i, (s, t) in enumerate(zip(scores, texts, strict=True))
+        ]
+        return [f"{c.text}@{c.round}" for c in top_distinct(scored, k)]
+
+    assert ranked([1.0, 3.0, 3.0, 2.0], ["a", "b", "b", "c"], 3) == ["b@1", "c@3", "a@0"]
+    assert ranked([1.0, 1.0], ["same", "same"], 2) == ["same@0", "same@1"]
+    assert ranked([2.0, 2.0, 1.0], ["a", "b", "c"], 1) == ["a@0"]  # ties: sample order
 
 
 @pytest.mark.parametrize(
@@ -72,7 +81,7 @@ async def test_limits(config: BestOfNConfig, request_n: int, param: str) -> None
     engine = FakeEngine(script=scripted)
     ctx = context(engine, FakeReward(), n=request_n, max_candidates=8)
     with pytest.raises(InvalidRequestError) as caught:
-        await BestOfN().run(ctx, config)
+        BestOfN().check(ctx.request, config)
     assert caught.value.param == param and engine.calls == []
 
 
@@ -118,3 +127,17 @@ def test_through_the_api(bon_server: RunningServer) -> None:
         f"{bon_server.api_url}/chat/completions", json={**body, "strategy_config": {"m": 1}}
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "strategy_config.m"
+
+
+def test_streamed_request_over_the_cap_is_a_400_not_an_error_frame(
+    bon_server: RunningServer,
+) -> None:
+    client = openai.OpenAI(base_url=bon_server.api_url, api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="fake-model",
+            messages=list(CHAT),
+            stream=True,
+            extra_body={"strategy": "best_of_n", "strategy_config": {"n": 9}},
+        )
+    assert caught.value.response.json()["error"]["param"] == "strategy_config.n"

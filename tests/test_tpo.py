@@ -19,7 +19,7 @@ from server.engine.metering import MeteredEngine
 from server.errors import InvalidRequestError
 from strategies import get_strategy
 from strategies.base import AlignmentRequest, ProgressEvent, RewardResolver, StrategyContext
-from strategies.tpo import TPOConfig
+from strategies.tpo import TestTimePreferenceOptimization, TPOConfig
 from strategies.tpo_prompts import DEFAULT_TEMPLATES, fill
 from tests.conftest import fake_settings
 from tests.fakes import EngineCall, FakeEngine, FakeReward
@@ -469,7 +469,8 @@ async def test_concurrent_requests_share_the_engine() -> None:
 
 async def test_width_over_the_server_cap_is_rejected() -> None:
     with pytest.raises(InvalidRequestError) as caught:
-        await run_tpo(make_ctx(FakeEngine(), FakeReward(), max_candidates=4), width=5)
+        ctx = make_ctx(FakeEngine(), FakeReward(), max_candidates=4)
+        TestTimePreferenceOptimization().check(ctx.request, TPOConfig(width=5))
     assert caught.value.param == "strategy_config.width"
 
 
