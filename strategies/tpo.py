@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reward_clients.base import RewardClientError
 from server.engine.base import Completion, EngineRequestError, SamplingSettings
+from server.protocol import RewardName
 from strategies.base import (
     AlignmentRequest,
     Strategy,
@@ -110,7 +111,7 @@ class TPOConfig(StrategyConfig):
     )
     depth: int = Field(2, ge=0, le=16, description="Rounds of feedback and update (D).")
     width: int = Field(5, ge=1, le=1024, description="Responses sampled per round (N).")
-    reward: str | None = Field(
+    reward: RewardName = Field(
         None, description="Configured reward client to score with; default: the request's."
     )
     generation: StepSampling = Field(
