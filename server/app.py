@@ -111,12 +111,13 @@ def _install_routes(app: FastAPI) -> None:
     async def chat_completions(request: Request) -> Response:
         service: ChatCompletionService = request.app.state.service
         admission: Admission = request.app.state.admission
-        parsed = parse_request(await request.body())
-        prepared = service.prepare(parsed)
+        parsed = None
         try:
+            parsed = parse_request(await request.body())
+            prepared = service.prepare(parsed)
             admission.acquire()
         except APIError as exc:
-            service.metrics.rejected.labels(exc.code or "refused").inc()
+            service.record_refusal(parsed.strategy if parsed else None, exc)
             raise
         if parsed.stream:
             return StreamingResponse(

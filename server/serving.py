@@ -358,6 +358,15 @@ class ChatCompletionService:
             alignment["trace"] = result.trace
         return alignment
 
+    def record_refusal(self, strategy: str | None, error: APIError) -> None:
+        """Count a request refused before it ran (invalid, over the limit, shutting down)."""
+        label = strategy or self.settings.default_strategy
+        if get_strategy(label) is None:
+            label = "unknown"  # never let clients mint new label values
+        self.metrics.requests.labels(label, str(error.status_code)).inc()
+        if error.status_code in (429, 503):
+            self.metrics.rejected.labels(error.code or "refused").inc()
+
     def _record(self, prepared: PreparedRequest, status: int) -> None:
         m, name = self.metrics, prepared.strategy.name
         engine_usage = prepared.context.engine.usage

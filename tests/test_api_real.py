@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import httpx
@@ -173,10 +174,16 @@ def test_models_health_and_metrics(real_server: RunningServer, client: openai.Op
     assert [m.id for m in client.models.list()] == [MODEL]
     health = httpx.get(f"{real_server.base_url}/health").json()
     assert health["status"] == "ok" and health["engine"]["healthy"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, n=0)
     metrics = httpx.get(f"{real_server.base_url}/metrics").text
     assert 'ttalign_requests_total{status="200",strategy="none"}' in metrics
     assert "ttalign_completion_tokens_total" in metrics
     assert "ttalign_engine_calls_per_request_bucket" in metrics
+    # Refused requests are counted too, under a bounded label set.
+    assert re.search(
+        r'ttalign_requests_total\{status="400",strategy="(none|unknown)"\} [1-9]', metrics
+    )
 
 
 # --- errors ---------------------------------------------------------------------------------
