@@ -51,6 +51,8 @@ class ScoringItem:
 
     conversation: tuple[Message, ...]
     candidate: str
+    #: The candidate is an unfinished reply: render its turn open, not closed.
+    partial: bool = False
 
     def messages(self) -> list[Message]:
         """The conversation with the candidate as the final assistant turn."""
@@ -96,11 +98,11 @@ class BackendReward(ABC):
         )
 
     async def score(
-        self, conversation: Sequence[Message], candidates: Sequence[str]
+        self, conversation: Sequence[Message], candidates: Sequence[str], *, partial: bool = False
     ) -> list[float]:
         """Score every candidate; concurrent calls may share one backend batch."""
         frozen = tuple(dict(m) for m in conversation)
-        return await self._batcher.submit([ScoringItem(frozen, c) for c in candidates])
+        return await self._batcher.submit([ScoringItem(frozen, c, partial) for c in candidates])
 
     @abstractmethod
     async def score_items(self, items: Sequence[ScoringItem]) -> Sequence[float]:

@@ -45,9 +45,13 @@ class RewardClient(Protocol):
     name: str
 
     async def score(
-        self, conversation: Sequence[Message], candidates: Sequence[str]
+        self, conversation: Sequence[Message], candidates: Sequence[str], *, partial: bool = False
     ) -> list[float]:
-        """Score every candidate as the assistant's reply to ``conversation``, in one batch."""
+        """Score every candidate as the assistant's reply to ``conversation``, in one batch.
+
+        With ``partial`` the candidates are unfinished replies (prefixes that strategies
+        steering mid-generation score): they are rendered as an open assistant turn.
+        """
         ...
 
     async def close(self) -> None:

@@ -78,11 +78,14 @@ class CompositeReward:
         return CompositeReward(self.name, bound, self.normalization, metrics=self._metrics)
 
     async def score(
-        self, conversation: Sequence[Message], candidates: Sequence[str]
+        self, conversation: Sequence[Message], candidates: Sequence[str], *, partial: bool = False
     ) -> list[float]:
         started = time.monotonic()
         parts = await asyncio.gather(
-            *(client.score(conversation, candidates) for client, _ in self.components.values())
+            *(
+                client.score(conversation, candidates, partial=partial)
+                for client, _ in self.components.values()
+            )
         )
         total = [0.0] * len(candidates)
         for (_, weight), scores in zip(self.components.values(), parts, strict=True):

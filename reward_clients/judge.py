@@ -52,9 +52,14 @@ def judge_messages(
         f"Answer with one whole number from {scale_min} (worst) to {scale_max} (best), "
         "and nothing else."
     )
+    kind = (
+        "Unfinished reply to grade (judge how promising its beginning is)"
+        if item.partial
+        else "Reply to grade"
+    )
     task = (
         f"Conversation so far:\n{transcript}\n\n"
-        f"Reply to grade:\n{item.candidate}\n\n"
+        f"{kind}:\n{item.candidate}\n\n"
         f"Grade the reply from {scale_min} to {scale_max}."
     )
     return [

@@ -22,9 +22,16 @@ def load_tokenizer(name_or_path: str) -> Any:
 
 
 def render_ids(tokenizer: Any, item: ScoringItem) -> list[int]:
-    """Token ids of the conversation with ``item.candidate`` as the closed assistant turn."""
+    """Token ids of the conversation with ``item.candidate`` as the final assistant turn.
+
+    The turn is closed, or left open when the candidate is a partial reply.
+    """
     encoded = tokenizer.apply_chat_template(
-        item.messages(), tokenize=True, add_generation_prompt=False, return_dict=True
+        item.messages(),
+        tokenize=True,
+        add_generation_prompt=False,
+        continue_final_message=item.partial,
+        return_dict=True,
     )
     return list(encoded["input_ids"])
 
@@ -32,5 +39,8 @@ def render_ids(tokenizer: Any, item: ScoringItem) -> list[int]:
 def render_text(tokenizer: Any, item: ScoringItem) -> str:
     """The same rendering as text, for backends that tokenize themselves."""
     return tokenizer.apply_chat_template(
-        item.messages(), tokenize=False, add_generation_prompt=False
+        item.messages(),
+        tokenize=False,
+        add_generation_prompt=False,
+        continue_final_message=item.partial,
     )

@@ -233,7 +233,7 @@ class RuleVerifierReward:
         return RuleVerifierReward(self.name, parse_constraints(constraints), metrics=self._metrics)
 
     async def score(
-        self, conversation: Sequence[Message], candidates: Sequence[str]
+        self, conversation: Sequence[Message], candidates: Sequence[str], *, partial: bool = False
     ) -> list[float]:
         if not self.constraints:
             raise InvalidConstraintsError(f"the {self.name!r} reward has no constraints bound")

@@ -43,7 +43,12 @@ class VllmPoolingReward(BackendReward):
     async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
         if self._tokenizer_path is None:
             answers = await asyncio.gather(
-                *(self._classify({"messages": item.messages()}) for item in items)
+                *(
+                    self._classify(
+                        {"messages": item.messages(), "continue_final_message": item.partial}
+                    )
+                    for item in items
+                )
             )
             return [self._label_score(a["data"][0]) for a in answers]
         tokenizer = load_tokenizer(self._tokenizer_path)

@@ -124,11 +124,15 @@ class MeteredReward:
         self.name: str = client.name
 
     async def score(
-        self, conversation: Sequence[dict[str, str]], candidates: Sequence[str]
+        self,
+        conversation: Sequence[dict[str, str]],
+        candidates: Sequence[str],
+        *,
+        partial: bool = False,
     ) -> list[float]:
         started = time.monotonic()
         try:
-            return await self._client.score(conversation, candidates)
+            return await self._client.score(conversation, candidates, partial=partial)
         finally:
             self._usage.calls += 1
             self._usage.candidates += len(candidates)

@@ -119,7 +119,11 @@ class FakeReward:
     batches: list[list[str]] = field(default_factory=list)
 
     async def score(
-        self, conversation: Sequence[dict[str, str]], candidates: Sequence[str]
+        self,
+        conversation: Sequence[dict[str, str]],
+        candidates: Sequence[str],
+        *,
+        partial: bool = False,
     ) -> list[float]:
         self.batches.append(list(candidates))
         return [float(self.scorer(c)) for c in candidates]

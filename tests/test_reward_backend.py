@@ -160,3 +160,15 @@ async def test_composite_binds_rule_components_to_the_constraints() -> None:
     assert await bound.score(CHAT, ["YES", "no"]) == [1.0, 0.0]
     with pytest.raises(InvalidConstraintsError):
         mix.bind([])
+
+
+def test_judge_prompt_says_when_the_reply_is_unfinished() -> None:
+    from reward_clients.backend import ScoringItem
+    from reward_clients.judge import judge_messages
+
+    conversation = ({"role": "user", "content": "Tell me a story."},)
+    finished = judge_messages(ScoringItem(conversation, "Once upon"), "Be fair.", 1, 9)
+    unfinished = judge_messages(ScoringItem(conversation, "Once upon", True), "Be fair.", 1, 9)
+    assert "Unfinished" not in finished[1]["content"]
+    assert "Unfinished" in unfinished[1]["content"]
+    assert unfinished[-1] == finished[-1]  # the same open answer turn

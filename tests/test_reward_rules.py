@@ -132,3 +132,20 @@ def test_rules_without_constraints_is_an_error() -> None:
     with pytest.raises(InvalidConstraintsError, match="sent none") as caught:
         RuleVerifierReward().bind([])
     assert caught.value.param == "constraints"
+
+
+def test_partial_candidates_render_as_an_open_assistant_turn() -> None:
+    from reward_clients.backend import ScoringItem
+    from reward_clients.rendering import load_tokenizer, render_ids, render_text
+    from server.model_prep import prepare_embedded_model
+
+    tokenizer = load_tokenizer(str(prepare_embedded_model()))
+    conversation = ({"role": "user", "content": "Count to three."},)
+    closed = render_text(tokenizer, ScoringItem(conversation, "One, two"))
+    open_turn = render_text(tokenizer, ScoringItem(conversation, "One, two", partial=True))
+    assert closed.rstrip().endswith("<|im_end|>")
+    assert open_turn.endswith("One, two")
+    assert closed.startswith(open_turn)
+    assert render_ids(tokenizer, ScoringItem(conversation, "One, two", partial=True)) == (
+        tokenizer.encode(open_turn, add_special_tokens=False)
+    )

@@ -384,7 +384,7 @@ async def test_reward_failure_in_a_round_returns_the_best_so_far() -> None:
     script = StepScript(sample=[["a", "bb"]], loss=["l"], gradient=["g"], update=[["ccc", "d"]])
 
     class FlakyReward(FakeReward):
-        async def score(self, conversation, candidates):
+        async def score(self, conversation, candidates, *, partial=False):
             if self.batches:
                 raise RewardTimeout("fake", "took too long")
             return await super().score(conversation, candidates)
@@ -396,7 +396,7 @@ async def test_reward_failure_in_a_round_returns_the_best_so_far() -> None:
 
 async def test_reward_failure_before_any_candidate_is_an_error() -> None:
     class DownReward(FakeReward):
-        async def score(self, conversation, candidates):
+        async def score(self, conversation, candidates, *, partial=False):
             raise RewardTimeout("fake", "down")
 
     with pytest.raises(RewardTimeout):
