@@ -33,7 +33,8 @@ def real_engine_settings(**overrides: object) -> ServerSettings:
         "model": str(prepare_embedded_model()),
         "served_model_name": "smollm2",
         "enforce_eager": True,  # compiling on CPU costs ~90 s per start
-        "gpu_memory_utilization": 0.3,
+        # A share of all RAM, weights included: ~3.4 GB, about 2 GB of it KV cache.
+        "gpu_memory_utilization": 0.15,
         "max_model_len": 2048,
         **REAL_SERVER_LIMITS,
     }
@@ -113,15 +114,16 @@ def pooling_server(reward_model_dir: Path) -> Iterator[str]:
     """A real ``vllm serve --runner pooling`` on 127.0.0.1 serving the test reward model.
 
     float32 so that its scores can be compared tightly with transformers' on the same
-    folder; on CPU, gpu_memory_utilization is a share of RAM (0.25 leaves room for the
-    float32 weights and the session's main engine).
+    folder; on CPU, gpu_memory_utilization is the share of all RAM this process may use,
+    its own weights included (0.12 of 24 GB leaves about 1 GB of KV cache, plenty here,
+    and room for the session's main engine and anything else running).
     """
     port = free_port()
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(reward_model_dir), "--served-model-name", "test-rm",
         "--runner", "pooling", "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--gpu-memory-utilization", "0.25",
+        "--dtype", "float32", "--gpu-memory-utilization", "0.12",
         "--enforce-eager", "--max-model-len", "1024",
     ]  # fmt: skip
     log = (reward_model_dir / "pooling-server.log").open("w")
