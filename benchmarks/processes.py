@@ -57,55 +57,27 @@ def running_server(command: Sequence[str], port: int, log_path: Path) -> Iterato
                     process.wait()
 
 
-def vllm_server_command(
-    model: str, port: int, *, name: str, extra: Sequence[str] = ()
-) -> list[str]:
+def _engine_flags(model: str, port: int, name: str, eager: bool) -> list[str]:
+    """Engine and listener flags that vLLM's server and ttalign's both accept."""
+    flags = [
+        "--model", model, "--served-model-name", name, "--host", "127.0.0.1",
+        "--port", str(port), "--gpu-memory-utilization", "0.15", "--max-model-len", "2048",
+    ]  # fmt: skip
+    return [*flags, "--enforce-eager"] if eager else flags
+
+
+def vllm_server_command(model: str, port: int, *, name: str, eager: bool = True) -> list[str]:
     """Plain vLLM OpenAI server, configured like :func:`ttalign_server_command`."""
     return [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model,
-        "--served-model-name",
-        name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--gpu-memory-utilization",
-        "0.3",
-        "--enforce-eager",
-        "--max-model-len",
-        "2048",
-        *extra,
-    ]
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        *_engine_flags(model, port, name, eager),
+    ]  # fmt: skip
 
 
-def ttalign_server_command(
-    model: str, port: int, *, name: str, extra: Sequence[str] = ()
-) -> list[str]:
+def ttalign_server_command(model: str, port: int, *, name: str, eager: bool = True) -> list[str]:
+    """ttalign on the same engine settings, with no admission limit in the way."""
     return [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--model",
-        model,
-        "--served-model-name",
-        name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--gpu-memory-utilization",
-        "0.3",
-        "--enforce-eager",
-        "--max-model-len",
-        "2048",
-        "--max-concurrent-requests",
-        "1024",
-        "--log-level",
-        "warning",
-        *extra,
-    ]
+        sys.executable, "-m", "server.cli", "serve",
+        *_engine_flags(model, port, name, eager),
+        "--max-concurrent-requests", "1024", "--log-level", "warning",
+    ]  # fmt: skip
