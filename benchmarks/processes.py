@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,11 +21,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+def wait_healthy(
+    base_url: str, process: subprocess.Popen, timeout: float = 600, log_path: Path | None = None
+) -> None:
+    """Poll ``/health`` until it answers 200; fail fast if the process dies."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server at {base_url} exited with {process.returncode}")
+            raise RuntimeError(
+                f"server at {base_url} exited with {process.returncode}; see {log_path}"
+            )
         try:
             if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
                 return
@@ -36,16 +41,31 @@ def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float = 600)
 
 
 @contextmanager
-def running_server(command: Sequence[str], port: int, log_path: Path) -> Iterator[str]:
-    """Run ``command`` (which must listen on ``port``) until the block exits; yield its URL."""
+def running_server(
+    command: Sequence[str],
+    port: int,
+    log_path: Path,
+    *,
+    timeout: float = 600,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """Run ``command`` (which must listen on ``port``) until the block exits; yield its URL.
+
+    The server gets its own process group, so stopping it also stops the engine processes
+    it spawned.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            list(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         base_url = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy(base_url, process)
+            wait_healthy(base_url, process, timeout, log_path)
             yield base_url
         finally:
             if process.poll() is None:

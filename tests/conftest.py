@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
+from benchmarks.processes import free_port, running_server
 from server.app import create_app
 from server.model_prep import prepare_embedded_model
 from server.settings import ServerSettings
 from tests.fakes import FakeEngine
-from tests.servers import RunningServer, free_port, serve_in_thread
+from tests.servers import RunningServer, serve_in_thread
 
 SHARED_EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
 
@@ -126,33 +123,8 @@ def pooling_server(reward_model_dir: Path) -> Iterator[str]:
         "--dtype", "float32", "--gpu-memory-utilization", "0.12",
         "--enforce-eager", "--max-model-len", "1024",
     ]  # fmt: skip
-    log = (reward_model_dir / "pooling-server.log").open("w")
-    process = subprocess.Popen(
-        command,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the vLLM pooling server exited; see {log.name}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the vLLM pooling server did not start in 300 s")
-            time.sleep(1)
+    log = reward_model_dir / "pooling-server.log"
+    with running_server(
+        command, port, log, timeout=300, env={"VLLM_LOGGING_LEVEL": "WARNING"}
+    ) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
