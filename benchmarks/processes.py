@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from server.engine.vllm_engine import resolve_dtype
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -82,6 +84,7 @@ def _engine_flags(model: str, port: int, name: str, eager: bool) -> list[str]:
     flags = [
         "--model", model, "--served-model-name", name, "--host", "127.0.0.1",
         "--port", str(port), "--gpu-memory-utilization", "0.15", "--max-model-len", "2048",
+        "--dtype", resolve_dtype("auto"),
     ]  # fmt: skip
     return [*flags, "--enforce-eager"] if eager else flags
 

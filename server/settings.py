@@ -28,7 +28,11 @@ class ServerSettings(BaseSettings):
     cache_dir: Path = Field(
         DEFAULT_CACHE_DIR, description="Where the embedded model is converted and cached."
     )
-    dtype: str = Field("auto", description="Weight dtype passed to vLLM (auto, bfloat16, ...).")
+    dtype: str = Field(
+        "auto",
+        description="Weight dtype passed to vLLM (auto, bfloat16, float32, ...). auto is the "
+        "model's own, except float32 on CPUs without native bfloat16 (much faster there).",
+    )
     max_model_len: int = Field(2048, gt=0, description="Context window in tokens.")
     gpu_memory_utilization: float = Field(
         0.3,
