@@ -125,6 +125,6 @@ def pooling_server(reward_model_dir: Path) -> Iterator[str]:
     ]  # fmt: skip
     log = reward_model_dir / "pooling-server.log"
     with running_server(
-        command, port, log, timeout=300, env={"VLLM_LOGGING_LEVEL": "WARNING"}
+        command, port, log, timeout=600, env={"VLLM_LOGGING_LEVEL": "WARNING"}
     ) as url:
         yield url
