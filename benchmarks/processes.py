@@ -16,6 +16,9 @@ import httpx
 
 from server.engine.vllm_engine import chunked_prefill_supported, resolve_dtype
 
+#: KV cache of every benchmarked server, in bytes (vLLM's and ttalign's flags both take it).
+KV_CACHE_BYTES = 1 << 30
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -79,11 +82,11 @@ def running_server(
                     process.wait()
 
 
-def _engine_flags(model: str, port: int, name: str, eager: bool) -> list[str]:
-    """Engine and listener flags that vLLM's server and ttalign's both accept."""
+def _engine_flags(model: str, port: int, name: str, eager: bool, kv_flag: str) -> list[str]:
+    """The same engine and listener settings for vLLM's server and ttalign's."""
     flags = [
         "--model", model, "--served-model-name", name, "--host", "127.0.0.1",
-        "--port", str(port), "--gpu-memory-utilization", "0.15", "--max-model-len", "2048",
+        "--port", str(port), kv_flag, str(KV_CACHE_BYTES), "--max-model-len", "2048",
         "--dtype", resolve_dtype("auto"),
     ]  # fmt: skip
     return [*flags, "--enforce-eager"] if eager else flags
@@ -95,7 +98,7 @@ def vllm_server_command(model: str, port: int, *, name: str, eager: bool = True)
     chunking = [] if chunked_prefill_supported() else ["--no-enable-chunked-prefill"]
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        *_engine_flags(model, port, name, eager), *chunking,
+        *_engine_flags(model, port, name, eager, "--kv-cache-memory-bytes"), *chunking,
     ]  # fmt: skip
 
 
@@ -103,6 +106,6 @@ def ttalign_server_command(model: str, port: int, *, name: str, eager: bool = Tr
     """ttalign on the same engine settings, with no admission limit in the way."""
     return [
         sys.executable, "-m", "server.cli", "serve",
-        *_engine_flags(model, port, name, eager),
+        *_engine_flags(model, port, name, eager, "--kv-cache-memory"),
         "--max-concurrent-requests", "1024", "--log-level", "warning",
     ]  # fmt: skip

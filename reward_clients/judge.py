@@ -134,7 +134,7 @@ class JudgeReward(BackendReward):
     async def _rate_on_engine(self, messages: list[dict[str, str]]) -> list[tuple[str, float]]:
         from server.engine.base import SamplingSettings
 
-        prompt = self.engine.render_chat(messages, continue_final_message=True)
+        prompt = await self.engine.render_chat(messages, continue_final_message=True)
         sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS)
         generation = await self.engine.generate(prompt, sampling)
         logprobs = generation.completions[0].logprobs

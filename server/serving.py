@@ -231,7 +231,7 @@ class ChatCompletionService:
             result = await prepared.strategy.run(prepared.context, prepared.config)
             return prepared.header.completion(
                 result.choices,
-                self._usage(prepared, result),
+                await self._usage(prepared, result),
                 self._alignment(prepared, result),
                 want_logprobs=prepared.request.logprobs,
             )
@@ -287,7 +287,7 @@ class ChatCompletionService:
                             yield frame
                     tail: dict[str, Any] = {"alignment": self._alignment(prepared, result)}
                     if include_usage:
-                        tail["usage"] = self._usage(prepared, result)
+                        tail["usage"] = await self._usage(prepared, result)
                     yield sse(header.chunk([], **tail))
         except Exception as exc:
             error = _client_error(exc)
@@ -332,10 +332,10 @@ class ChatCompletionService:
 
     # --- bookkeeping ------------------------------------------------------------------------
 
-    def _usage(self, prepared: PreparedRequest, result: StrategyResult) -> dict[str, int]:
+    async def _usage(self, prepared: PreparedRequest, result: StrategyResult) -> dict[str, int]:
         prompt_tokens = result.prompt_tokens
         if prompt_tokens is None:
-            prompt_tokens = len(self.engine.render_chat(prepared.context.request.messages))
+            prompt_tokens = len(await self.engine.render_chat(prepared.context.request.messages))
         return usage(prompt_tokens, sum(c.num_tokens for c in result.choices))
 
     def _alignment(self, prepared: PreparedRequest, result: StrategyResult) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "ttalign"
@@ -34,12 +35,26 @@ class ServerSettings(BaseSettings):
         "model's own, except float32 on CPUs without native bfloat16 (much faster there).",
     )
     max_model_len: int = Field(2048, gt=0, description="Context window in tokens.")
+    kv_cache_memory: ByteSize | None = Field(
+        None,
+        description="KV cache size in bytes (e.g. 1GiB, 512MiB). Unset: 1GiB on the CPU "
+        "build, where a fraction of NUMA-node memory is unreliable; on GPUs the cache is "
+        "sized by --gpu-memory-utilization instead.",
+    )
     gpu_memory_utilization: float = Field(
-        0.3,
+        0.9,
         gt=0,
         le=1,
-        description="Fraction of accelerator memory for weights and KV cache. On the CPU "
-        "build it is the fraction of RAM reserved for the KV cache.",
+        description="Fraction of GPU memory for weights and KV cache (GPUs only; the CPU "
+        "build sizes its KV cache with --kv-cache-memory).",
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template file replacing the model's own."
+    )
+    generation_config: Literal["auto", "vllm"] = Field(
+        "auto",
+        description="Where default sampling settings come from: auto uses the model's "
+        "generation_config.json (as vllm serve does); vllm ignores it.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
     max_num_seqs: int = Field(64, ge=1, description="Most sequences the engine batches at once.")
@@ -60,6 +75,28 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+    api_key: SecretStr | None = Field(
+        None,
+        description="Bearer token every /v1 route requires (as vllm serve --api-key). Never "
+        "logged.",
+    )
+    api_key_file: Path | None = Field(
+        None, description="File of accepted API keys, one per line (# starts a comment)."
+    )
+    auth_health_and_metrics: bool = Field(
+        False, description="Require the API key on /health and /metrics too."
+    )
+    max_request_body: ByteSize = Field(
+        ByteSize(4 * 1024 * 1024),
+        description="Largest request body (e.g. 4MiB); larger ones get 413.",
+    )
+    max_messages: int = Field(256, ge=1, description="Most messages one request may send.")
+    stream_keepalive_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="Interval of the ': keep-alive' SSE comments that streamed searches "
+        "send while they have nothing else to send (the first goes out at once).",
+    )
 
     # --- request policy -----------------------------------------------------------------
     default_strategy: str = Field("none", description="Strategy for requests that name none.")
@@ -80,6 +117,18 @@ class ServerSettings(BaseSettings):
         128, ge=1, description="Requests in flight before new ones get 429 with Retry-After."
     )
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with a 429.")
+    max_request_engine_tokens: int = Field(
+        262144,
+        ge=1,
+        description="Compute budget of one request: engine tokens (prompt plus generated) "
+        "across all of its rounds, judge calls excluded. A strategy config whose first "
+        "round cannot fit is a 400; a search that reaches it stops early.",
+    )
+    max_request_candidates: int = Field(
+        512,
+        ge=1,
+        description="Compute budget of one request: completions sampled across all rounds.",
+    )
     request_timeout_seconds: float | None = Field(
         None,
         gt=0,

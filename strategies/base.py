@@ -178,16 +178,18 @@ class StrategyContext:
         left = self.time_left()
         return left is not None and left <= 0
 
-    def chat_prompt(
+    async def chat_prompt(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
     ) -> Prompt:
-        return self.engine.render_chat(messages, continue_final_message=continue_final_message)
+        return await self.engine.render_chat(
+            messages, continue_final_message=continue_final_message
+        )
 
     async def sample(
         self, messages: Sequence[dict[str, str]], sampling: SamplingSettings
     ) -> Generation:
         """Render ``messages`` and sample ``sampling.n`` completions in one engine call."""
-        return await self.engine.generate(self.chat_prompt(messages), sampling)
+        return await self.engine.generate(await self.chat_prompt(messages), sampling)
 
 
 class Strategy(ABC, Generic[ConfigT]):

@@ -43,7 +43,7 @@ class PassThrough(Strategy[NoneConfig]):
         )
 
     async def stream(self, ctx: StrategyContext, config: NoneConfig) -> AsyncIterator[StreamEvent]:
-        prompt = ctx.chat_prompt(ctx.request.messages)
+        prompt = await ctx.chat_prompt(ctx.request.messages)
         collected: dict[int, _ChoiceAccumulator] = {}
         prompt_tokens = 0
         async for delta in ctx.engine.stream(prompt, self._sampling(ctx)):

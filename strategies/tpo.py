@@ -219,7 +219,8 @@ class _Search:
         )
         update_messages = self.prompts.update_messages(gradient_messages, gradient, self.query)
         completions = await self._generate(update_messages, self._response_tokens("update"))
-        await self._admit([_after_header(c, self.ctx) for c in completions], number, record)
+        trimmed = [await _after_header(c, self.ctx) for c in completions]
+        await self._admit(trimmed, number, record)
 
     async def _critique(
         self, messages: list[Message], step: str, fallback: str, record: dict[str, Any]
@@ -339,13 +340,13 @@ class _Search:
         )
 
 
-def _after_header(completion: Completion, ctx: StrategyContext) -> Completion:
+async def _after_header(completion: Completion, ctx: StrategyContext) -> Completion:
     """Keep only what follows the last "New response:" header, unless nothing follows it."""
     headers = list(_RESPONSE_HEADER.finditer(completion.text))
     if not headers or not completion.text[headers[-1].end() :].strip():
         return completion
     text = completion.text[headers[-1].end() :].strip()
-    kept = ctx.engine.count_tokens(text)
+    kept = await ctx.engine.count_tokens(text)
     return Completion(
         index=completion.index,
         text=text,

@@ -30,8 +30,9 @@ def real_engine_settings(**overrides: object) -> ServerSettings:
         "model": str(prepare_embedded_model()),
         "served_model_name": "smollm2",
         "enforce_eager": True,  # compiling on CPU costs ~90 s per start
-        # A share of all RAM, weights included: ~3.4 GB, about 2 GB of it KV cache.
-        "gpu_memory_utilization": 0.15,
+        # In bytes, never as a fraction: node memory differs between machines of this kind.
+        # 512 MiB holds ~11k tokens of SmolLM2 in float32, plenty for these tests.
+        "kv_cache_memory": "512MiB",
         "max_model_len": 2048,
         **REAL_SERVER_LIMITS,
     }
@@ -111,16 +112,14 @@ def pooling_server(reward_model_dir: Path) -> Iterator[str]:
     """A real ``vllm serve --runner pooling`` on 127.0.0.1 serving the test reward model.
 
     float32 so that its scores can be compared tightly with transformers' on the same
-    folder; on CPU, gpu_memory_utilization is the share of all RAM this process may use,
-    its own weights included (0.12 of 24 GB leaves about 1 GB of KV cache, plenty here,
-    and room for the session's main engine and anything else running).
+    folder; its KV cache is sized in bytes (256 MiB), never as a fraction of node memory.
     """
     port = free_port()
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(reward_model_dir), "--served-model-name", "test-rm",
         "--runner", "pooling", "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--gpu-memory-utilization", "0.12",
+        "--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20),
         "--enforce-eager", "--max-model-len", "1024",
     ]  # fmt: skip
     log = reward_model_dir / "pooling-server.log"

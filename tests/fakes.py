@@ -48,7 +48,7 @@ class FakeEngine:
     running: int = 0
     healthy: bool = True
 
-    def render_chat(
+    async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
     ) -> list[int]:
         text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
@@ -58,7 +58,11 @@ class FakeEngine:
             text += "<assistant>"
         return list(text.encode())
 
-    def count_tokens(self, text: str) -> int:
+    async def count_tokens(self, text: str) -> int:
+        return self.word_count(text)
+
+    @staticmethod
+    def word_count(text: str) -> int:
         return len(text.split())
 
     def prompt_text(self, prompt: Prompt) -> str:
@@ -80,8 +84,8 @@ class FakeEngine:
             Completion(
                 index=i,
                 text=out,
-                token_ids=tuple(range(self.count_tokens(out))),
-                finish_reason="length" if self.count_tokens(out) >= sampling.max_tokens else "stop",
+                token_ids=tuple(range(self.word_count(out))),
+                finish_reason="length" if self.word_count(out) >= sampling.max_tokens else "stop",
             )
             for i, out in enumerate(outputs)
         )

@@ -18,6 +18,16 @@ Prompt = str | list[int]
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output's shape, enforced by the engine while it decodes."""
+
+    #: Any JSON object at all (OpenAI's ``response_format: json_object``).
+    json_object: bool = False
+    #: A JSON schema the output must satisfy, as JSON text (``json_schema``).
+    json_schema: str | None = None
+
+
+@dataclass(frozen=True)
 class SamplingSettings:
     """Sampling parameters for one engine call that returns ``n`` completions."""
 
@@ -31,6 +41,15 @@ class SamplingSettings:
     logprobs: int | None = None
     #: Keep generating past end-of-sequence until ``max_tokens`` (benchmarks use it).
     ignore_eos: bool = False
+    #: Sample only among the ``top_k`` most likely tokens (``None``: all).
+    top_k: int | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    #: ``(token_id, bias)`` pairs added to the logits before sampling.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: StructuredOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -110,18 +129,20 @@ class EngineClient(Protocol):
         """The context window in tokens."""
         ...
 
-    def render_chat(
+    async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
     ) -> list[int]:
         """Render messages with the model's chat template into prompt token ids.
 
         With ``continue_final_message`` the last (assistant) message is left open, so a
-        generation continues it instead of starting a new turn.
+        generation continues it instead of starting a new turn. Rendering and tokenizing
+        a long conversation is CPU work: implementations do it off the event loop. A
+        conversation the template refuses raises :class:`EngineRequestError`.
         """
         ...
 
-    def count_tokens(self, text: str) -> int:
-        """The number of tokens ``text`` encodes to, without special tokens."""
+    async def count_tokens(self, text: str) -> int:
+        """The number of tokens ``text`` encodes to, without special tokens (off the loop)."""
         ...
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
@@ -139,6 +160,10 @@ class EngineClient(Protocol):
     async def shutdown(self) -> None:
         """Stop the engine and release its resources."""
         ...
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine cannot serve: it died, or it failed a request for reasons of its own."""
 
 
 class EngineRequestError(ValueError):

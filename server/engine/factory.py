@@ -31,6 +31,8 @@ def build_engine(settings: ServerSettings) -> EngineClient:
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        kv_cache_memory=settings.kv_cache_memory,
+        chat_template=str(settings.chat_template) if settings.chat_template else None,
         tensor_parallel_size=settings.tensor_parallel_size,
         max_num_seqs=settings.max_num_seqs,
         enable_prefix_caching=settings.enable_prefix_caching,
@@ -42,6 +44,6 @@ def build_engine(settings: ServerSettings) -> EngineClient:
 async def warm_up(engine: EngineClient) -> None:
     """One short generation, so that the first user request does not pay for warm-up."""
     started = time.monotonic()
-    prompt = engine.render_chat([{"role": "user", "content": "Hello"}])
+    prompt = await engine.render_chat([{"role": "user", "content": "Hello"}])
     await engine.generate(prompt, SamplingSettings(n=2, max_tokens=4, temperature=1.0, seed=0))
     logger.info("engine warmed up in %.1f s", time.monotonic() - started)

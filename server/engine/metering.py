@@ -40,13 +40,15 @@ class MeteredEngine:
     def max_model_len(self) -> int:
         return self._engine.max_model_len
 
-    def render_chat(
+    async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
     ) -> list[int]:
-        return self._engine.render_chat(messages, continue_final_message=continue_final_message)
+        return await self._engine.render_chat(
+            messages, continue_final_message=continue_final_message
+        )
 
-    def count_tokens(self, text: str) -> int:
-        return self._engine.count_tokens(text)
+    async def count_tokens(self, text: str) -> int:
+        return await self._engine.count_tokens(text)
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         self._count_call(sampling)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from server.engine.base import (
@@ -31,8 +33,9 @@ _PROMPT_PARAMETERS = {
 class VllmEngine:
     """An :class:`~server.engine.base.EngineClient` over an in-process ``AsyncLLM``."""
 
-    def __init__(self, llm: Any, model_name: str) -> None:
+    def __init__(self, llm: Any, model_name: str, chat_template: str | None = None) -> None:
         self._llm = llm
+        self._chat_template = chat_template
         self._model_name = model_name
         self._tokenizer = llm.get_tokenizer()
         self._max_model_len = int(llm.model_config.max_model_len)
@@ -46,7 +49,9 @@ class VllmEngine:
         model_name: str,
         dtype: str = "auto",
         max_model_len: int = 2048,
-        gpu_memory_utilization: float = 0.3,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory: int | None = None,
+        chat_template: str | None = None,
         tensor_parallel_size: int = 1,
         max_num_seqs: int = 64,
         enable_prefix_caching: bool = True,
@@ -63,6 +68,7 @@ class VllmEngine:
             dtype=resolve_dtype(dtype),
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=resolve_kv_cache_memory(kv_cache_memory),
             tensor_parallel_size=tensor_parallel_size,
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching,
@@ -70,7 +76,8 @@ class VllmEngine:
             seed=seed,
             enforce_eager=enforce_eager,
         )
-        return cls(AsyncLLM.from_engine_args(args), model_name)
+        template = Path(chat_template).read_text() if chat_template else None
+        return cls(AsyncLLM.from_engine_args(args), model_name, template)
 
     # --- EngineClient ---------------------------------------------------------------------
 
@@ -82,12 +89,23 @@ class VllmEngine:
     def max_model_len(self) -> int:
         return self._max_model_len
 
-    def render_chat(
+    async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
+    ) -> list[int]:
+        # A long conversation takes seconds to render and tokenize; the event loop serves
+        # every other stream meanwhile.
+        return await asyncio.to_thread(self._render_chat, messages, continue_final_message)
+
+    async def count_tokens(self, text: str) -> int:
+        return await asyncio.to_thread(self._count_tokens, text)
+
+    def _render_chat(
+        self, messages: Sequence[dict[str, str]], continue_final_message: bool
     ) -> list[int]:
         rendered = self._tokenizer.apply_chat_template(
             list(messages),
             tokenize=True,
+            chat_template=self._chat_template,
             add_generation_prompt=not continue_final_message,
             continue_final_message=continue_final_message,
         )
@@ -99,7 +117,7 @@ class VllmEngine:
         )
         return list(ids)
 
-    def count_tokens(self, text: str) -> int:
+    def _count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
@@ -169,7 +187,11 @@ class VllmEngine:
         request_id = f"ttalign-{uuid.uuid4().hex}"
         try:
             params = self._sampling_params(SamplingParams, sampling, kind)
-            token_ids = prompt if isinstance(prompt, list) else self._tokenizer.encode(prompt)
+            token_ids = (
+                prompt
+                if isinstance(prompt, list)
+                else await asyncio.to_thread(self._tokenizer.encode, prompt)
+            )
             self._running.add(request_id)
             # Closing or cancelling this generator makes vLLM abort the request itself.
             async for output in self._llm.generate(
@@ -216,6 +238,21 @@ class VllmEngine:
     def _token_text(self, token_id: int, logprob: Any) -> str:
         decoded = getattr(logprob, "decoded_token", None)
         return decoded if decoded is not None else self._tokenizer.decode([token_id])
+
+
+#: The CPU build's KV cache when none is configured. A fraction of "node memory" is
+#: unreliable there: some machines report a NUMA node far smaller than their RAM, and the
+#: fraction minus the worker's own memory goes negative.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def resolve_kv_cache_memory(configured: int | None) -> int | None:
+    """The KV cache size in bytes to ask vLLM for; ``None`` lets a GPU size it by fraction."""
+    if configured is not None:
+        return int(configured)
+    from vllm.platforms import current_platform
+
+    return DEFAULT_CPU_KV_CACHE_BYTES if current_platform.is_cpu() else None
 
 
 def chunked_prefill_supported() -> bool:
