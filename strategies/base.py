@@ -200,6 +200,9 @@ class Strategy(ABC, Generic[ConfigT]):
     config_model: ClassVar[type[StrategyConfig]]
     #: Whether this strategy consults a reward client (so ``reward`` names are validated).
     uses_reward: ClassVar[bool] = False
+    #: Whether :meth:`stream` yields tokens as the engine makes them. Searches that send
+    #: nothing until they have an answer do not, and the server keeps their streams alive.
+    streams_tokens: ClassVar[bool] = False
 
     def check(self, request: AlignmentRequest, config: ConfigT) -> None:
         """Reject a request this strategy cannot serve, before any engine work.

@@ -28,6 +28,7 @@ class PassThrough(Strategy[NoneConfig]):
     name = "none"
     description = "No alignment: one engine call with the request's own sampling settings."
     config_model = NoneConfig
+    streams_tokens = True
 
     def _sampling(self, ctx: StrategyContext) -> SamplingSettings:
         return replace(ctx.request.sampling, n=ctx.request.n)

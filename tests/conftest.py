@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,41 @@ def real_server() -> Iterator[RunningServer]:
 def real_engine(real_server: RunningServer):
     """The real engine inside the session server (for reward clients that reuse it)."""
     return real_server.app.state.engine
+
+
+class BorrowedEngine:
+    """Another app's engine, shared without owning it: shutting this app down leaves it up."""
+
+    def __init__(self, engine: object) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    async def shutdown(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="session")
+def serve_on_real_engine(real_engine):
+    """Start more ttalign servers with their own settings over the session's one engine.
+
+    ``with serve_on_real_engine(max_tokens_cap=16, api_key="k") as server:`` serves a new
+    app (real uvicorn, real engine, no second engine start) until the block exits.
+    """
+
+    @contextmanager
+    def serve(*, reward_factory=None, **overrides: object) -> Iterator[RunningServer]:
+        kwargs = {} if reward_factory is None else {"reward_factory": reward_factory}
+        app = create_app(
+            real_engine_settings(warmup=False, **overrides),
+            engine_factory=lambda _: BorrowedEngine(real_engine),
+            **kwargs,
+        )
+        with serve_in_thread(app) as running:
+            yield running
+
+    return serve
 
 
 def fake_settings(**overrides: object) -> ServerSettings:
