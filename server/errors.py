@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from reward_clients.base import RewardClientError, RewardTimeout, RewardUnavailable
 from reward_clients.registry import UnknownRewardError
 from reward_clients.rules import InvalidConstraintsError
+from strategies.errors import InvalidStrategyRequest
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return InvalidRequestError(str(exc), param="reward", code="unknown_reward")
     if isinstance(exc, InvalidConstraintsError):
         return InvalidRequestError(str(exc), param=exc.param, code="invalid_constraints")
+    if isinstance(exc, InvalidStrategyRequest):
+        return InvalidRequestError(str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, RequestValidationError):
         return validation_error(exc.errors())
     logger.error("unhandled error", exc_info=exc)

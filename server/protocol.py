@@ -17,6 +17,26 @@ from pydantic import (
 logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 16
+#: Longest stop string: each one is matched against the tail of the text at every token.
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_CONSTRAINTS = 64
+#: Longest candidate reply ``/v1/rewards/score`` accepts, in characters.
+MAX_CANDIDATE_CHARS = 65536
+#: Seeds are 64-bit signed integers, as in vLLM.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+#: OpenAI request fields that would change the answer's meaning but are not served here.
+#: Sending one with a non-empty value is a 400 (``unsupported_parameter``), never ignored.
+UNSUPPORTED_FIELDS = {
+    "tools": "tool calling",
+    "tool_choice": "tool calling",
+    "functions": "function calling",
+    "function_call": "function calling",
+    "audio": "audio output",
+    "prediction": "predicted outputs",
+    "web_search_options": "web search",
+}
 
 
 def _reward_name(reward: str | None) -> str | None:
@@ -63,6 +83,32 @@ class ChatMessage(OpenAIBaseModel):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the reply must satisfy."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON under a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -80,7 +126,11 @@ class ChatCompletionRequest(OpenAIBaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
@@ -88,6 +138,15 @@ class ChatCompletionRequest(OpenAIBaseModel):
     user: str | None = None
     ignore_eos: bool = Field(
         False, description="vLLM extension: generate max_tokens even past end-of-sequence."
+    )
+    top_k: int | None = Field(
+        None, ge=-1, description="vLLM extension: sample among the k most likely tokens."
+    )
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="vLLM extension: drop tokens below min_p x the top one."
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=2, description="vLLM extension: penalize tokens already in the text."
     )
 
     # --- ttalign extensions (clients send them through ``extra_body``) --------------------
@@ -102,6 +161,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     )
     constraints: list[dict[str, Any]] | None = Field(
         None,
+        max_length=MAX_CONSTRAINTS,
         description="Verifiable constraints for rule-verifier rewards (data, never code); "
         "see reward_clients/rules.py for the kinds.",
     )
@@ -123,7 +183,32 @@ class ChatCompletionRequest(OpenAIBaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in sequences):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in sequences):
+            raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters long")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids, got {token[:20]!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"biases must be within [-100, 100], got {value}")
+        return bias
+
+    def unsupported_field(self) -> tuple[str, str] | None:
+        """The first field sent that changes the answer but is not served, with its feature."""
+        extra = self.model_extra or {}
+        for name, feature in UNSUPPORTED_FIELDS.items():
+            value = extra.get(name)
+            if value in (None, [], {}) or (name == "tool_choice" and value == "none"):
+                continue
+            return name, feature
+        modalities = extra.get("modalities")
+        if modalities not in (None, ["text"]):
+            return "modalities", "output modalities other than text"
+        return None
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -144,5 +229,5 @@ class ScoreRequest(BaseModel):
 
     reward: RewardName = Field(None, description="Configured reward client (default if unset).")
     messages: list[ChatMessage] = Field(min_length=1)
-    candidates: list[str] = Field(min_length=1)
-    constraints: list[dict[str, Any]] | None = None
+    candidates: list[Annotated[str, Field(max_length=MAX_CANDIDATE_CHARS)]] = Field(min_length=1)
+    constraints: list[dict[str, Any]] | None = Field(None, max_length=MAX_CONSTRAINTS)

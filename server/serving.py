@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,7 +16,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from reward_clients.registry import RewardRegistry, UnknownRewardError
-from server.engine.base import EngineClient, EngineRequestError, SamplingSettings
+from server.engine.base import (
+    EngineClient,
+    EngineRequestError,
+    SamplingSettings,
+    StructuredOutput,
+)
 from server.engine.metering import MeteredEngine
 from server.errors import (
     APIError,
@@ -26,7 +31,7 @@ from server.errors import (
     validation_error,
 )
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest
+from server.protocol import ChatCompletionRequest, ResponseFormat
 from server.responses import DONE_FRAME, ResponseHeader, delta_choice, sse, usage
 from server.settings import ServerSettings
 from strategies import get_strategy, strategy_names
@@ -40,6 +45,8 @@ from strategies.base import (
     StrategyContext,
     StrategyResult,
 )
+from strategies.budget import ComputeBudget
+from strategies.errors import InvalidStrategyRequest
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +85,24 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     return parse_body(body, ChatCompletionRequest)
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_body(body: bytes, schema: type[BodyT]) -> BodyT:
-    """Parse JSON ``body`` into ``schema``; every failure is a 400 naming the param."""
+    """Parse JSON ``body`` into ``schema``; every failure is a 400 naming the param.
+
+    Beyond malformed JSON this refuses what Python's parser would let through or choke on:
+    ``NaN`` and ``Infinity`` literals, integers too long to convert, and nesting deep
+    enough to exhaust the interpreter's recursion limit.
+    """
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        payload = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidRequestError(
+            "The request body is nested too deeply.", code="invalid_json"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidRequestError(
             f"The request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
@@ -92,6 +112,10 @@ def parse_body(body: bytes, schema: type[BodyT]) -> BodyT:
         return schema.model_validate(payload)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
+    except RecursionError:
+        raise InvalidRequestError(
+            "The request body is nested too deeply.", code="invalid_json"
+        ) from None
 
 
 class ChatCompletionService:
@@ -139,7 +163,10 @@ class ChatCompletionService:
             prompt_overrides=self.prompt_overrides,
             deadline=started + min(deadlines) if deadlines else None,
         )
-        strategy.check(context.request, config)
+        try:
+            strategy.check(context.request, config)
+        except InvalidStrategyRequest as exc:
+            raise to_api_error(exc) from None
         return PreparedRequest(
             request, strategy, config, context, ResponseHeader(self.engine.model_name), started
         )
@@ -167,6 +194,21 @@ class ChatCompletionService:
 
     def _check_limits(self, request: ChatCompletionRequest) -> None:
         s = self.settings
+        unsupported = request.unsupported_field()
+        if unsupported is not None:
+            name, feature = unsupported
+            raise InvalidRequestError(
+                f"{name} is not supported: this server does not offer {feature}.",
+                param=name,
+                code="unsupported_parameter",
+            )
+        if len(request.messages) > s.max_messages:
+            raise InvalidRequestError(
+                f"{len(request.messages)} messages were sent, but this server accepts at most "
+                f"{s.max_messages} per request.",
+                param="messages",
+                code="invalid_value",
+            )
         if request.n > s.max_n:
             raise InvalidRequestError(
                 f"n is {request.n}, but this server allows at most {s.max_n}.",
@@ -201,26 +243,25 @@ class ChatCompletionService:
             raise InvalidRequestError(str(exc), param=param, code="unknown_reward") from None
 
     def _alignment_request(self, request: ChatCompletionRequest) -> AlignmentRequest:
-        max_tokens = request.requested_max_tokens() or self.settings.default_max_tokens
-        sampling = SamplingSettings(
-            n=1,
-            temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
-            top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
-            max_tokens=max_tokens,
-            stop=request.stop_sequences(),
-            seed=request.seed,
-            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-            ignore_eos=request.ignore_eos,
-        )
+        s = self.settings
+        sampling = request_sampling(request, self._sampling_defaults(), s.default_max_tokens)
         return AlignmentRequest(
             messages=tuple({"role": m.role, "content": m.text()} for m in request.messages),
             sampling=sampling,
             n=request.n,
             return_trace=request.return_trace,
             reward=request.reward,
-            max_candidates=self.settings.max_candidates,
+            max_candidates=s.max_candidates,
             constraints=tuple(request.constraints or ()),
+            max_tokens_cap=s.max_tokens_cap,
+            budget=ComputeBudget(s.max_request_engine_tokens, s.max_request_candidates),
         )
+
+    def _sampling_defaults(self) -> Mapping[str, Any]:
+        # The model's generation_config (as vllm serve applies it), unless turned off.
+        if self.settings.generation_config != "auto":
+            return {}
+        return getattr(self.engine, "sampling_defaults", None) or {}
 
     # --- running ----------------------------------------------------------------------------
 
@@ -349,7 +390,7 @@ class ChatCompletionService:
             "engine_calls": engine_usage.engine_calls,
             "elapsed_seconds": round(time.monotonic() - prepared.started, 4),
             "rewards": [c.reward for c in result.choices],
-            "stopped_early": result.stopped_early,
+            "stopped_early": result.stopped_early or prepared.context.deadline_reached,
             "engine_tokens": usage(engine_usage.prompt_tokens, engine_usage.completion_tokens),
             "reward_calls": reward_usage.calls,
             "reward_seconds": round(reward_usage.seconds, 4),
@@ -376,6 +417,43 @@ class ChatCompletionService:
         m.candidates.labels(name).inc(engine_usage.candidates_generated)
         m.prompt_tokens.labels(name).inc(engine_usage.prompt_tokens)
         m.completion_tokens.labels(name).inc(engine_usage.completion_tokens)
+
+
+def request_sampling(
+    request: ChatCompletionRequest, defaults: Mapping[str, Any], default_max_tokens: int
+) -> SamplingSettings:
+    """The request's sampling settings; fields it leaves unset take the model's defaults."""
+
+    def pick(name: str, fallback: Any) -> Any:
+        value = getattr(request, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    return SamplingSettings(
+        n=1,
+        temperature=pick("temperature", DEFAULT_TEMPERATURE),
+        top_p=pick("top_p", DEFAULT_TOP_P),
+        max_tokens=request.requested_max_tokens() or default_max_tokens,
+        stop=request.stop_sequences(),
+        seed=request.seed,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        ignore_eos=request.ignore_eos,
+        top_k=pick("top_k", None),
+        min_p=pick("min_p", 0.0),
+        presence_penalty=pick("presence_penalty", 0.0),
+        frequency_penalty=pick("frequency_penalty", 0.0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        logit_bias=tuple((int(t), b) for t, b in (request.logit_bias or {}).items()),
+        structured=_structured_output(request.response_format),
+    )
+
+
+def _structured_output(response_format: ResponseFormat | None) -> StructuredOutput | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return StructuredOutput(json_object=True)
+    assert response_format.json_schema is not None  # the protocol requires it
+    return StructuredOutput(json_schema=json.dumps(response_format.json_schema.schema_))
 
 
 def _client_error(exc: BaseException) -> APIError:

@@ -29,6 +29,12 @@ from server.engine.base import (
     TokenLogprob,
 )
 from server.engine.metering import MeteredEngine
+from strategies.budget import ComputeBudget
+from strategies.errors import DeadlineReached, InvalidStrategyRequest
+from strategies.sampling import END, generate_until, next_before
+
+#: How long scoring may run past the deadline, so that cut-short candidates can be ranked.
+SCORING_GRACE_SECONDS = 0.5
 
 
 class StrategyConfig(BaseModel):
@@ -54,6 +60,18 @@ class AlignmentRequest:
     max_candidates: int = 64
     #: Verifiable constraints sent with the request, for rule-verifier rewards.
     constraints: tuple[dict[str, Any], ...] = ()
+    #: The server's cap on tokens per generation step (every step of every strategy).
+    max_tokens_cap: int = 2048
+    budget: ComputeBudget = field(default_factory=ComputeBudget)
+
+    def check_step_tokens(self, tokens: int, param: str) -> None:
+        """Refuse a per-step token limit above the server's cap (a 400 on ``param``)."""
+        if tokens > self.max_tokens_cap:
+            raise InvalidStrategyRequest(
+                f"{param} is {tokens}, but this server allows at most {self.max_tokens_cap} "
+                "tokens per generation step (--max-tokens-cap).",
+                param=param,
+            )
 
 
 @dataclass(frozen=True)
@@ -140,15 +158,22 @@ class MeteredReward:
 
 
 class RewardResolver:
-    """Looks up configured reward clients by name; a request can only name, never define, one."""
+    """Looks up configured reward clients by name; a request can only name, never define, one.
+
+    Each name resolves once per request, so a client that keeps per-request state (a
+    composite's normalization) scores every call of the request on the same scale.
+    """
 
     def __init__(self, lookup: Callable[[str | None], Any]) -> None:
         self._lookup = lookup
+        self._clients: dict[str | None, MeteredReward] = {}
         self.usage = RewardUsage()
 
     def get(self, name: str | None = None) -> Any:
         """The reward client called ``name`` (server default for ``None``), metered."""
-        return MeteredReward(self._lookup(name), self.usage)
+        if name not in self._clients:
+            self._clients[name] = MeteredReward(self._lookup(name), self.usage)
+        return self._clients[name]
 
 
 @dataclass
@@ -163,6 +188,8 @@ class StrategyContext:
     progress: asyncio.Queue[ProgressEvent] = field(default_factory=asyncio.Queue)
     #: Server-configured replacements for strategies' prompt templates, by template name.
     prompt_overrides: Mapping[str, str] = field(default_factory=dict)
+    #: Set once the deadline has cut an engine call short or stopped a step.
+    deadline_reached: bool = False
 
     def report(self, **data: Any) -> None:
         """Publish a progress report; it reaches streaming clients between rounds."""
@@ -189,7 +216,68 @@ class StrategyContext:
         self, messages: Sequence[dict[str, str]], sampling: SamplingSettings
     ) -> Generation:
         """Render ``messages`` and sample ``sampling.n`` completions in one engine call."""
-        return await self.engine.generate(await self.chat_prompt(messages), sampling)
+        return await self.generate(await self.chat_prompt(messages), sampling)
+
+    async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
+        """One engine call within the request's budget and deadline.
+
+        Raises :class:`~strategies.errors.BudgetExhausted` when the call could exceed the
+        compute budget. At the deadline the call is aborted and its partial completions
+        are returned (``finish_reason: length``), with :attr:`deadline_reached` set.
+        """
+        prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
+        self.request.budget.admit(
+            self.engine.usage,
+            candidates=sampling.n,
+            tokens=prompt_tokens + sampling.n * sampling.max_tokens,
+        )
+        generation, cut = await generate_until(self.engine, prompt, sampling, self.deadline)
+        self.deadline_reached |= cut
+        return generation
+
+    async def stream(
+        self, prompt: Prompt, sampling: SamplingSettings
+    ) -> AsyncIterator[CompletionDelta]:
+        """Stream one engine call; at the deadline it ends, aborted, with :attr:`deadline_reached`.
+
+        Every completion not finished by then gets a last empty delta with ``length``.
+        """
+        unfinished = set(range(sampling.n))
+        stream = self.engine.stream(prompt, sampling)
+        try:
+            while (delta := await next_before(stream, self.deadline)) is not END:
+                if delta.finish_reason is not None:
+                    unfinished.discard(delta.index)
+                yield delta
+        except TimeoutError:
+            self.deadline_reached = True
+            for index in sorted(unfinished):
+                yield CompletionDelta(index, "", 0, finish_reason="length")
+        finally:
+            await stream.aclose()
+
+    async def score(
+        self,
+        reward: Any,
+        conversation: Sequence[dict[str, str]],
+        candidates: Sequence[str],
+        *,
+        partial: bool = False,
+    ) -> list[float]:
+        """Score in one reward call; :class:`DeadlineReached` if it would run past the deadline.
+
+        Scoring may run :data:`SCORING_GRACE_SECONDS` past the deadline, so that candidates
+        cut short at the deadline can still be ranked.
+        """
+        left = self.time_left()
+        if left is None:
+            return await reward.score(conversation, candidates, partial=partial)
+        try:
+            async with asyncio.timeout(max(left, 0.0) + SCORING_GRACE_SECONDS):
+                return await reward.score(conversation, candidates, partial=partial)
+        except TimeoutError:
+            self.deadline_reached = True
+            raise DeadlineReached("the deadline passed while scoring") from None
 
 
 class Strategy(ABC, Generic[ConfigT]):
@@ -208,7 +296,9 @@ class Strategy(ABC, Generic[ConfigT]):
         """Reject a request this strategy cannot serve, before any engine work.
 
         Called by the server while validating, so a bad combination is a 400 even for a
-        streaming request. Raise :class:`server.errors.InvalidRequestError` naming the param.
+        streaming request. Raise :class:`~strategies.errors.InvalidStrategyRequest` naming
+        the param. Check every per-step token limit against ``request.max_tokens_cap`` and
+        the first round against ``request.budget``.
         """
 
     @abstractmethod

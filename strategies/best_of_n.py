@@ -13,7 +13,6 @@ from typing import Any
 
 from pydantic import Field
 
-from server.errors import InvalidRequestError
 from server.protocol import RewardName
 from strategies.base import (
     AlignmentRequest,
@@ -22,12 +21,14 @@ from strategies.base import (
     StrategyContext,
     StrategyResult,
 )
+from strategies.errors import DeadlineReached, InvalidStrategyRequest
 from strategies.registry import register_strategy
 from strategies.selection import (
     ScoredCandidate,
     check_candidate_cap,
     score_completions,
     top_distinct,
+    unscored,
 )
 
 
@@ -57,12 +58,14 @@ class BestOfN(Strategy[BestOfNConfig]):
     def check(self, request: AlignmentRequest, config: BestOfNConfig) -> None:
         check_candidate_cap(config.n, request, "strategy_config.n")
         if request.n > config.n:
-            raise InvalidRequestError(
+            raise InvalidStrategyRequest(
                 f"n is {request.n}, but best_of_n samples only {config.n} candidates "
                 "(raise strategy_config.n).",
                 param="n",
-                code="invalid_value",
             )
+        request.budget.check(
+            config.n, config.n * request.sampling.max_tokens, param="strategy_config.n"
+        )
 
     async def run(self, ctx: StrategyContext, config: BestOfNConfig) -> StrategyResult:
         request = ctx.request
@@ -75,11 +78,22 @@ class BestOfN(Strategy[BestOfNConfig]):
         )
         generation = await ctx.sample(request.messages, sampling)
         ctx.report(stage="scoring", candidates=len(generation.completions))
-        scored = await score_completions(reward, request.messages, generation.completions)
+        try:
+            scored = await score_completions(ctx, reward, request.messages, generation.completions)
+        except DeadlineReached:
+            # Out of time before any ranking: the first distinct candidates, unscored.
+            chosen = unscored(generation.completions, request.n)
+            return StrategyResult(
+                choices=[candidate.choice() for candidate in chosen],
+                stopped_early=True,
+                trace=_trace(reward.name, chosen, chosen, request.return_trace),
+                prompt_tokens=generation.prompt_tokens,
+            )
         chosen = top_distinct(scored, request.n)
         return StrategyResult(
             choices=[candidate.choice() for candidate in chosen],
             candidates_scored=len(scored),
+            stopped_early=ctx.deadline_reached,
             trace=_trace(reward.name, scored, chosen, request.return_trace),
             prompt_tokens=generation.prompt_tokens,
         )
@@ -94,14 +108,14 @@ def _trace(
     positions = [next(i for i, c in enumerate(scored) if c is pick) for pick in chosen]
     trace: dict[str, Any] = {
         "reward": reward_name,
-        "rewards": [c.score for c in scored],
+        "rewards": [c.reward for c in scored],
         "chosen": positions,
     }
     if with_candidates:
         trace["candidates"] = [
             {
                 "text": c.text,
-                "reward": c.score,
+                "reward": c.reward,
                 "finish_reason": c.finish_reason,
                 "tokens": c.num_tokens,
             }

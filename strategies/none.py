@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from server.engine.base import CompletionDelta, FinishReason, SamplingSettings
+from server.engine.base import SamplingSettings
 from strategies.base import (
+    AlignmentRequest,
     ChoiceResult,
     DeltaEvent,
     ResultEvent,
@@ -17,6 +18,7 @@ from strategies.base import (
     StreamEvent,
 )
 from strategies.registry import register_strategy
+from strategies.sampling import PartialCompletion
 
 
 class NoneConfig(StrategyConfig):
@@ -30,6 +32,9 @@ class PassThrough(Strategy[NoneConfig]):
     config_model = NoneConfig
     streams_tokens = True
 
+    def check(self, request: AlignmentRequest, config: NoneConfig) -> None:
+        request.budget.check(request.n, request.n * request.sampling.max_tokens, param="n")
+
     def _sampling(self, ctx: StrategyContext) -> SamplingSettings:
         return replace(ctx.request.sampling, n=ctx.request.n)
 
@@ -40,35 +45,26 @@ class PassThrough(Strategy[NoneConfig]):
                 ChoiceResult(c.text, c.finish_reason, c.num_tokens, logprobs=c.logprobs)
                 for c in generation.completions
             ],
+            stopped_early=ctx.deadline_reached,
             prompt_tokens=generation.prompt_tokens,
         )
 
     async def stream(self, ctx: StrategyContext, config: NoneConfig) -> AsyncIterator[StreamEvent]:
         prompt = await ctx.chat_prompt(ctx.request.messages)
-        collected: dict[int, _ChoiceAccumulator] = {}
+        collected: dict[int, PartialCompletion] = {}
         prompt_tokens = 0
-        async for delta in ctx.engine.stream(prompt, self._sampling(ctx)):
-            prompt_tokens = delta.prompt_tokens
-            collected.setdefault(delta.index, _ChoiceAccumulator()).add(delta)
+        async for delta in ctx.stream(prompt, self._sampling(ctx)):
+            prompt_tokens = delta.prompt_tokens or prompt_tokens
+            collected.setdefault(delta.index, PartialCompletion()).add(delta)
             yield DeltaEvent(delta)
-        choices = [collected[i].result() for i in sorted(collected)]
-        result = StrategyResult(choices=choices, prompt_tokens=prompt_tokens)
+        choices = [_choice(collected[i]) for i in sorted(collected)]
+        result = StrategyResult(
+            choices=choices,
+            stopped_early=ctx.deadline_reached,
+            prompt_tokens=prompt_tokens or len(prompt),
+        )
         yield ResultEvent(result, streamed=True)
 
 
-class _ChoiceAccumulator:
-    """Rebuilds a choice from its streamed deltas."""
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.num_tokens = 0
-        self.finish_reason: FinishReason | None = None
-
-    def add(self, delta: CompletionDelta) -> None:
-        self.parts.append(delta.text)
-        self.num_tokens += delta.num_tokens
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-
-    def result(self) -> ChoiceResult:
-        return ChoiceResult("".join(self.parts), self.finish_reason or "stop", self.num_tokens)
+def _choice(partial: PartialCompletion) -> ChoiceResult:
+    return ChoiceResult(partial.text, partial.finish_reason or "stop", partial.num_tokens)

@@ -13,8 +13,8 @@ from typing import Any
 
 from reward_clients.base import RewardClientError
 from server.engine.base import Completion, FinishReason, TokenLogprob
-from server.errors import InvalidRequestError
-from strategies.base import AlignmentRequest, ChoiceResult
+from strategies.base import AlignmentRequest, ChoiceResult, StrategyContext
+from strategies.errors import InvalidStrategyRequest
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,17 @@ class ScoredCandidate:
         """What makes two candidates the same response."""
         return distinct_key(self.text)
 
+    @property
+    def reward(self) -> float | None:
+        """The score, or ``None`` for a candidate never scored (NaN is not JSON)."""
+        return None if math.isnan(self.score) else self.score
+
     def choice(self) -> ChoiceResult:
         return ChoiceResult(
             self.text,
             self.finish_reason,
             self.num_tokens,
-            reward=self.score,
+            reward=self.reward,
             logprobs=self.logprobs,
         )
 
@@ -47,7 +52,7 @@ class ScoredCandidate:
         """The candidate as a trace entry."""
         return {
             "text": self.text,
-            "score": self.score,
+            "score": self.reward,
             "finish_reason": self.finish_reason,
             "round": self.round,
         }
@@ -64,12 +69,18 @@ def _rank(score: float) -> float:
 
 
 async def score_texts(
-    reward: Any, conversation: Sequence[dict[str, str]], texts: Sequence[str]
+    ctx: StrategyContext,
+    reward: Any,
+    conversation: Sequence[dict[str, str]],
+    texts: Sequence[str],
 ) -> list[float]:
-    """Score ``texts`` as replies to ``conversation`` in one batched reward call."""
+    """Score ``texts`` as replies to ``conversation`` in one batched reward call.
+
+    Bounded by the request's deadline (:meth:`StrategyContext.score`).
+    """
     if not texts:
         return []
-    scores = await reward.score(conversation, list(texts))
+    scores = await ctx.score(reward, conversation, list(texts))
     if len(scores) != len(texts):
         raise RewardClientError(
             reward.name, f"returned {len(scores)} scores for {len(texts)} candidates"
@@ -78,6 +89,7 @@ async def score_texts(
 
 
 async def score_completions(
+    ctx: StrategyContext,
     reward: Any,
     conversation: Sequence[dict[str, str]],
     completions: Sequence[Completion],
@@ -85,7 +97,7 @@ async def score_completions(
     round: int = 0,
 ) -> list[ScoredCandidate]:
     """Score an engine call's completions in one reward call."""
-    scores = await score_texts(reward, conversation, [c.text for c in completions])
+    scores = await score_texts(ctx, reward, conversation, [c.text for c in completions])
     return [
         ScoredCandidate(c.text, s, c.finish_reason, c.num_tokens, c.logprobs, round)
         for c, s in zip(completions, scores, strict=True)
@@ -122,12 +134,20 @@ def top_distinct(candidates: Iterable[ScoredCandidate], n: int) -> list[ScoredCa
     return chosen[:n]
 
 
+def unscored(completions: Sequence[Completion], n: int) -> list[ScoredCandidate]:
+    """The first ``n`` distinct completions, unranked, for when scoring ran out of time."""
+    candidates = [
+        ScoredCandidate(c.text, math.nan, c.finish_reason, c.num_tokens, c.logprobs)
+        for c in completions
+    ]
+    return top_distinct(candidates, n)
+
+
 def check_candidate_cap(count: int, request: AlignmentRequest, param: str) -> None:
     """Reject ``count`` candidates per engine call above the server's cap (a 400 on ``param``)."""
     if count > request.max_candidates:
-        raise InvalidRequestError(
+        raise InvalidStrategyRequest(
             f"{param} is {count}, but this server samples at most {request.max_candidates} "
             "candidates per engine call.",
             param=param,
-            code="invalid_value",
         )

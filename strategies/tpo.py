@@ -25,18 +25,23 @@ Fallbacks, so that a model that ignores the format never fails a request:
   round critiques it alone, as ``revision`` does;
 - the engine rejects a round's prompt (too long) -> stop, best so far, ``stopped_early``;
 - the reward backend fails after the first sampling -> stop, best so far, ``stopped_early``;
-- the deadline passes -> the running step is cancelled (its engine work aborted); best so
-  far, ``stopped_early``.
+- the deadline passes -> the running engine call is aborted and keeps what it generated
+  (``finish_reason: length``); a cut-short critique ends the search, cut-short update
+  responses are still scored; scoring may run 0.5 s past the deadline, after which the
+  search returns its best so far (or, if the first sampling was never scored, its first
+  distinct responses, unscored); ``stopped_early``;
+- the next engine call could exceed the request's compute budget -> best so far,
+  ``stopped_early``.
 
-The first sampling always runs to completion: without it there is nothing to return.
+Every step's token limit is at most the server's ``--max-tokens-cap`` (a 400 otherwise).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,7 +56,9 @@ from strategies.base import (
     StrategyContext,
     StrategyResult,
 )
+from strategies.errors import BudgetExhausted, DeadlineReached
 from strategies.registry import register_strategy
+from strategies.sampling import offset_seed
 from strategies.selection import (
     ScoredCandidate,
     best,
@@ -59,6 +66,7 @@ from strategies.selection import (
     distinct_key,
     score_texts,
     top_distinct,
+    unscored,
     worst,
 )
 from strategies.tpo_prompts import Message, TPOPrompts, render_query
@@ -135,6 +143,13 @@ class TestTimePreferenceOptimization(Strategy[TPOConfig]):
 
     def check(self, request: AlignmentRequest, config: TPOConfig) -> None:
         check_candidate_cap(config.width, request, "strategy_config.width")
+        for step, tokens in config.max_tokens.model_dump().items():
+            if tokens is not None:
+                request.check_step_tokens(tokens, f"strategy_config.max_tokens.{step}")
+        sample_tokens = config.max_tokens.sample or request.sampling.max_tokens
+        request.budget.check(
+            config.width, config.width * sample_tokens, param="strategy_config.width"
+        )
 
     async def run(self, ctx: StrategyContext, config: TPOConfig) -> StrategyResult:
         return await _Search(ctx, config).run()
@@ -160,21 +175,28 @@ class _Search:
     async def run(self) -> StrategyResult:
         generation_prompt = list(self.ctx.request.messages)
         completions = await self._generate(generation_prompt, self._response_tokens("sample"))
-        await self._admit(completions, 0, self.initial, keep_empty=True)
+        try:
+            await self._admit(completions, 0, self.initial, keep_empty=True)
+        except DeadlineReached:
+            # Out of time before anything was ranked: the first sampling, unscored.
+            chosen = unscored(completions, self.ctx.request.n)
+            return self._result(0, "deadline", chosen)
         self._report(0)
 
         completed, stop_reason = 0, None
         for number in range(1, self.config.depth + 1):
-            if self.ctx.past_deadline():
+            if self.ctx.deadline_reached or self.ctx.past_deadline():
                 stop_reason = "deadline"
                 break
             record: dict[str, Any] = {"round": number, "completed": False}
             self.rounds.append(record)
             try:
-                async with asyncio.timeout(self.ctx.time_left()):
-                    await self._round(number, record)
-            except TimeoutError:
+                await self._round(number, record)
+            except DeadlineReached:
                 stop_reason = "deadline"
+            except BudgetExhausted as exc:
+                stop_reason = "budget"
+                record["error"] = str(exc)
             except EngineRequestError as exc:
                 stop_reason = "engine_rejected"
                 record["error"] = str(exc)
@@ -211,16 +233,23 @@ class _Search:
             self.query, chosen.text, rejected.text if rejected else None
         )
         loss = await self._critique(loss_messages, "loss", self.prompts.fallback_loss, record)
+        self._stop_at_deadline()
         gradient_messages = self.prompts.gradient_messages(
             loss_messages, loss, revision=rejected is None
         )
         gradient = await self._critique(
             gradient_messages, "gradient", self.prompts.fallback_gradient, record
         )
+        self._stop_at_deadline()
         update_messages = self.prompts.update_messages(gradient_messages, gradient, self.query)
         completions = await self._generate(update_messages, self._response_tokens("update"))
         trimmed = [await _after_header(c, self.ctx) for c in completions]
         await self._admit(trimmed, number, record)
+
+    def _stop_at_deadline(self) -> None:
+        # A critique cut short by the deadline cannot guide an update that has no time left.
+        if self.ctx.deadline_reached:
+            raise DeadlineReached("the deadline passed during a critique")
 
     async def _critique(
         self, messages: list[Message], step: str, fallback: str, record: dict[str, Any]
@@ -254,20 +283,25 @@ class _Search:
         sampling: StepSampling | None = None,
         response: bool = True,
     ) -> tuple[Completion, ...]:
-        """One engine call. Response steps keep the request's stops, seed and logprobs."""
+        """One engine call.
+
+        Response steps keep every setting of the request (stops, logprobs, penalties,
+        logit_bias, response_format); critique steps keep only its seed and ignore_eos.
+        """
         request = self.ctx.request.sampling
         step_sampling = sampling or self.config.generation
-        seed = None if request.seed is None else request.seed + self.engine_steps
+        step = {
+            "n": self.config.width if n is None else n,
+            "temperature": step_sampling.temperature,
+            "top_p": step_sampling.top_p,
+            "max_tokens": max_tokens,
+            "seed": offset_seed(request.seed, self.engine_steps),
+        }
         self.engine_steps += 1
-        settings = SamplingSettings(
-            n=self.config.width if n is None else n,
-            temperature=step_sampling.temperature,
-            top_p=step_sampling.top_p,
-            max_tokens=max_tokens,
-            stop=request.stop if response else (),
-            seed=seed,
-            logprobs=request.logprobs if response else None,
-            ignore_eos=request.ignore_eos,
+        settings = (
+            replace(request, **step)
+            if response
+            else SamplingSettings(**step, ignore_eos=request.ignore_eos)
         )
         generation = await self.ctx.sample(messages, settings)
         if self.prompt_tokens is None:
@@ -294,7 +328,7 @@ class _Search:
             else:
                 fresh[key] = completion
         scores = await score_texts(
-            self.reward, self.ctx.request.messages, [c.text for c in fresh.values()]
+            self.ctx, self.reward, self.ctx.request.messages, [c.text for c in fresh.values()]
         )
         self.candidates_scored += len(scores)
         added = []
@@ -317,8 +351,14 @@ class _Search:
 
     # --- result ---------------------------------------------------------------------------
 
-    def _result(self, completed: int, stop_reason: str | None) -> StrategyResult:
-        chosen = top_distinct(self.cache.values(), self.ctx.request.n)
+    def _result(
+        self,
+        completed: int,
+        stop_reason: str | None,
+        chosen: list[ScoredCandidate] | None = None,
+    ) -> StrategyResult:
+        if chosen is None:
+            chosen = top_distinct(self.cache.values(), self.ctx.request.n)
         trace = None
         if self.ctx.request.return_trace:
             trace = {

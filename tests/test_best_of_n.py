@@ -12,10 +12,10 @@ from reward_clients.registry import RewardRegistry
 from server.app import create_app
 from server.engine.base import SamplingSettings
 from server.engine.metering import MeteredEngine
-from server.errors import InvalidRequestError
 from server.metrics import Metrics
 from strategies.base import AlignmentRequest, RewardResolver, StrategyContext
 from strategies.best_of_n import BestOfN, BestOfNConfig
+from strategies.errors import InvalidStrategyRequest
 from strategies.selection import ScoredCandidate, top_distinct
 from tests.conftest import fake_settings
 from tests.fakes import FakeEngine, FakeReward
@@ -80,7 +80,7 @@ def test_top_distinct_fills_with_duplicates_only_when_needed() -> None:
 async def test_limits(config: BestOfNConfig, request_n: int, param: str) -> None:
     engine = FakeEngine(script=scripted)
     ctx = context(engine, FakeReward(), n=request_n, max_candidates=8)
-    with pytest.raises(InvalidRequestError) as caught:
+    with pytest.raises(InvalidStrategyRequest) as caught:
         BestOfN().check(ctx.request, config)
     assert caught.value.param == param and engine.calls == []
 

@@ -16,9 +16,9 @@ from reward_clients.registry import RewardRegistry
 from server.app import create_app
 from server.engine.base import EngineRequestError, SamplingSettings
 from server.engine.metering import MeteredEngine
-from server.errors import InvalidRequestError
 from strategies import get_strategy
 from strategies.base import AlignmentRequest, ProgressEvent, RewardResolver, StrategyContext
+from strategies.errors import InvalidStrategyRequest
 from strategies.tpo import TestTimePreferenceOptimization, TPOConfig
 from strategies.tpo_prompts import DEFAULT_TEMPLATES, fill
 from tests.conftest import fake_settings
@@ -468,7 +468,7 @@ async def test_concurrent_requests_share_the_engine() -> None:
 
 
 async def test_width_over_the_server_cap_is_rejected() -> None:
-    with pytest.raises(InvalidRequestError) as caught:
+    with pytest.raises(InvalidStrategyRequest) as caught:
         ctx = make_ctx(FakeEngine(), FakeReward(), max_candidates=4)
         TestTimePreferenceOptimization().check(ctx.request, TPOConfig(width=5))
     assert caught.value.param == "strategy_config.width"
