@@ -92,19 +92,25 @@ def test_a_search_stops_early_at_the_budget(serve_on_real_engine) -> None:
     assert alignment["trace"]["stop_reason"] == "budget"
 
 
+TPO_HEAVY = {"depth": 3, "width": 4, "max_tokens": {"loss": 200, "gradient": 200}}
+
+
 @pytest.mark.parametrize(
-    ("strategy", "config"),
+    ("strategy", "config", "reward"),
     [
-        ("none", None),
-        ("best_of_n", {"n": 4}),
-        ("tpo", {"depth": 3, "width": 4, "max_tokens": {"loss": 200, "gradient": 200}}),
+        ("none", None, None),
+        ("best_of_n", {"n": 4}, RULES),
+        ("best_of_n", {"n": 4}, {"reward": "judge"}),
+        ("tpo", TPO_HEAVY, RULES),
+        ("tpo", TPO_HEAVY, {"reward": "judge"}),
     ],
+    ids=["none", "best_of_n-rules", "best_of_n-judge", "tpo-rules", "tpo-judge"],
 )
 def test_deadline_bounds_every_strategy(
-    real_server: RunningServer, strategy: str, config: dict | None
+    real_server: RunningServer, strategy: str, config: dict | None, reward: dict | None
 ) -> None:
     deadline = 3.0
-    fields = {"strategy_config": config, **RULES} if config else {}
+    fields = {"strategy_config": config, **reward} if config else {}
     response, elapsed = _post(
         real_server,
         max_tokens=400,
