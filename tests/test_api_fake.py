@@ -196,3 +196,30 @@ async def test_disconnect_cancels_the_strategy(
             break
         await asyncio.sleep(0.01)
     assert fake_engine.running == 0
+
+
+@pytest.mark.parametrize(
+    ("generation_config", "request_fields", "expected"),
+    [
+        ("auto", {}, {"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.1}),
+        ("auto", {"temperature": 1.2, "top_k": 5}, {"temperature": 1.2, "top_k": 5}),
+        ("vllm", {}, {"temperature": 1.0, "top_k": None, "repetition_penalty": 1.0}),
+    ],
+)
+def test_sampling_defaults_follow_the_models_generation_config(
+    generation_config: str, request_fields: dict, expected: dict
+) -> None:
+    engine = FakeEngine()
+    engine.sampling_defaults = {"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.1}
+    app = create_app(
+        fake_settings(generation_config=generation_config), engine_factory=lambda _: engine
+    )
+    with serve_in_thread(app) as server:
+        response = httpx.post(
+            f"{server.api_url}/chat/completions",
+            json={"model": "fake-model", "messages": QUESTION, **request_fields},
+        )
+    assert response.status_code == 200
+    sampling = engine.calls[-1].sampling
+    for name, value in expected.items():
+        assert getattr(sampling, name) == value, name
