@@ -89,6 +89,29 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _has_lone_surrogate(payload: Any) -> bool:
+    """Whether any string in ``payload`` holds a lone surrogate (a ``\\ud800`` escape).
+
+    Python's JSON parser accepts them, but they are not Unicode text: tokenizers and the
+    engine fail on them deep inside. Iterative, so deep nesting costs no recursion.
+    """
+    pending = [payload]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
 def parse_body(body: bytes, schema: type[BodyT]) -> BodyT:
     """Parse JSON ``body`` into ``schema``; every failure is a 400 naming the param.
 
@@ -97,7 +120,8 @@ def parse_body(body: bytes, schema: type[BodyT]) -> BodyT:
     enough to exhaust the interpreter's recursion limit.
     """
     try:
-        payload = json.loads(body, parse_constant=_refuse_constant)
+        # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates through.
+        payload = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
     except RecursionError:
         raise InvalidRequestError(
             "The request body is nested too deeply.", code="invalid_json"
@@ -108,6 +132,12 @@ def parse_body(body: bytes, schema: type[BodyT]) -> BodyT:
         ) from None
     if not isinstance(payload, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    if _has_lone_surrogate(payload):
+        raise InvalidRequestError(
+            "The request body holds a string with a lone UTF-16 surrogate (e.g. \\ud800), "
+            "which is not valid Unicode text.",
+            code="invalid_json",
+        )
     try:
         return schema.model_validate(payload)
     except ValidationError as exc:

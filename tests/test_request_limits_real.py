@@ -50,8 +50,19 @@ def _chat(**fields: object) -> dict:
         b'"temperature": NaN}',
         b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
         b"\xff\xfe{}",
+        b'{"model": "smollm2", "messages": [{"role": "user", "content": "a \xed\xa0\x80 b"}]}',
+        b'{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}',
     ],
-    ids=["deep-array", "deep-messages", "huge-int", "nan", "infinity", "bad-utf8"],
+    ids=[
+        "deep-array",
+        "deep-messages",
+        "huge-int",
+        "nan",
+        "infinity",
+        "bad-utf8",
+        "encoded-surrogate",
+        "escaped-surrogate",
+    ],
 )
 def test_hostile_json_is_a_400(real_server: RunningServer, body: bytes) -> None:
     response = _post(real_server, body)
