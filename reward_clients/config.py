@@ -34,7 +34,7 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
       mix:                        # weighted composite of other clients
         type: composite
         components: {skywork: 0.7, rules: 0.3}
-        normalization: zscore       # zscore | minmax | none (per call, per component)
+        normalization: zscore       # zscore | minmax | none (per component, fixed per request)
 
 Every client except ``composite`` (and ``rules``) also takes the reliability and batching
 settings of :class:`~reward_clients.backend.BackendSettings`: ``timeout_seconds`` (30),
@@ -55,6 +55,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from reward_clients import ifeval_checks
 from reward_clients.backend import BackendSettings
 from reward_clients.base import RewardClient
 from reward_clients.composite import CompositeReward
@@ -154,6 +155,30 @@ def read_config(path: Path) -> RewardConfigFile:
         raise RewardConfigError(f"{path}: {exc}") from None
 
 
+def read_reward_config(path: Path, default: str | None = None) -> RewardConfigFile:
+    """Read ``path`` and check every client name it refers to, building no client.
+
+    Cheap enough to run before the engine starts, so a bad file fails at once. ``default``
+    is the server's ``--default-reward``, which must name a client too.
+    """
+    try:
+        config = read_config(path)
+    except OSError as exc:
+        raise RewardConfigError(f"{path}: {exc.strerror}") from None
+    known = {"rules", BUILTIN_DEFAULT, *config.clients}
+    for name, spec in config.clients.items():
+        if isinstance(spec, CompositeConfig) and (missing := set(spec.components) - known):
+            raise RewardConfigError(
+                f"{path}: composite {name!r} names unknown clients {sorted(missing)}"
+            )
+        if isinstance(spec, JudgeConfig) and spec.scale_min >= spec.scale_max:
+            raise RewardConfigError(f"{path}: judge {name!r}: scale_min must be below scale_max")
+    chosen = default or config.default
+    if chosen is not None and chosen not in known:
+        raise RewardConfigError(f"{path}: default reward {chosen!r} is not among {sorted(known)}")
+    return config
+
+
 def load_reward_registry(
     path: Path | None, default: str | None, *, engine: Any = None, metrics: Any = None
 ) -> RewardRegistry:
@@ -204,6 +229,9 @@ class _Builder:
     def _make(self, name: str, spec: Any) -> RewardClient:
         m = self.metrics
         if isinstance(spec, RulesConfig):
+            # IFEval's checkers take most of a second to import: load them at start-up, not
+            # on the event loop when the first request with an IFEval constraint arrives.
+            ifeval_checks.preload()
             return RuleVerifierReward(name, metrics=m)
         if isinstance(spec, CompositeConfig):
             components = {c: (self.build(c), w) for c, w in spec.components.items()}

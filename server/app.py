@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,22 +12,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reward_clients.config import load_reward_registry
+from reward_clients.config import load_reward_registry, read_reward_config
 from reward_clients.registry import RewardRegistry
 from server.admission import Admission
+from server.auth import ApiKeyMiddleware, load_api_keys
+from server.body_limit import BodyLimitMiddleware
 from server.disconnect import ClientDisconnected, cancel_on_disconnect
 from server.engine.base import EngineClient
 from server.engine.factory import build_engine, warm_up
-from server.errors import (
-    APIError,
-    InvalidRequestError,
-    error_body,
-    error_response,
-    status_phrase,
-)
+from server.error_boundary import ErrorBoundaryMiddleware
+from server.errors import APIError, error_body, error_response, status_phrase
+from server.health import health_report
+from server.keepalive import with_keepalive
 from server.metrics import Metrics
-from server.protocol import ScoreRequest
-from server.serving import ChatCompletionService, parse_body, parse_request
+from server.openapi import install_openapi
+from server.responses import sse
+from server.scoring import ScoreService
+from server.serving import ChatCompletionService, PreparedRequest, parse_request
 from server.settings import ServerSettings
 from strategies import all_strategies
 
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ServerSettings], EngineClient]
 RewardFactory = Callable[[ServerSettings, EngineClient, Metrics], RewardRegistry]
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def default_rewards(
@@ -51,40 +54,54 @@ def create_app(
     engine_factory: EngineFactory = build_engine,
     reward_factory: RewardFactory = default_rewards,
 ) -> FastAPI:
-    """The ttalign app. The factories exist so tests can inject fakes."""
+    """The ttalign app. The factories exist so tests can inject fakes.
+
+    Raises :class:`~server.auth.ApiKeyConfigError` at once for an unusable API key file.
+    """
+    api_keys = load_api_keys(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        metrics = Metrics()
-        engine = engine_factory(settings)
-        rewards = reward_factory(settings, engine, metrics)
-        try:
+        if settings.reward_config is not None:
+            # A bad file must fail before the engine spends half a minute starting.
+            read_reward_config(settings.reward_config, settings.default_reward)
+        async with AsyncExitStack() as cleanup:
+            metrics = Metrics()
+            engine = engine_factory(settings)
+            cleanup.push_async_callback(engine.shutdown)
+            rewards = reward_factory(settings, engine, metrics)
+            cleanup.push_async_callback(rewards.close)
             if settings.warmup:
                 await warm_up(engine)
+            admission = Admission(settings.max_concurrent_requests, settings.retry_after_seconds)
             app.state.settings = settings
             app.state.metrics = metrics
             app.state.engine = engine
-            app.state.admission = Admission(
-                settings.max_concurrent_requests, settings.retry_after_seconds
-            )
+            app.state.admission = admission
             app.state.service = ChatCompletionService(engine, settings, metrics, rewards)
+            app.state.scorer = ScoreService(
+                rewards, admission, metrics, max_candidates=settings.max_candidates
+            )
             yield
-            finished = await app.state.admission.drain(settings.shutdown_grace_seconds)
-            if not finished:
-                logger.warning(
-                    "shutting down with %d requests still in flight", app.state.admission.in_flight
-                )
-        finally:
-            await rewards.close()
-            await engine.shutdown()
+            if not await admission.drain(settings.shutdown_grace_seconds):
+                logger.warning("shutting down with %d requests in flight", admission.in_flight)
 
     app = FastAPI(title="ttalign", version="0.1.0", lifespan=lifespan)
+    # add_middleware wraps: the last one added is the outermost.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_request_body))
+    if api_keys:
+        app.add_middleware(
+            ApiKeyMiddleware, keys=api_keys, protect_operations=settings.auth_health_and_metrics
+        )
+    app.add_middleware(ErrorBoundaryMiddleware)
     _install_error_handlers(app)
     _install_routes(app)
+    install_openapi(app)
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    # Everything else reaches ErrorBoundaryMiddleware, which answers with the same shape.
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
@@ -100,10 +117,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(message, kind), status_code=exc.status_code, headers=exc.headers
         )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
 
 
 def _install_routes(app: FastAPI) -> None:
@@ -121,9 +134,9 @@ def _install_routes(app: FastAPI) -> None:
             raise
         if parsed.stream:
             return StreamingResponse(
-                _released_after(service.stream(prepared), admission),
+                _released_after(_event_stream(service, prepared), admission),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers=SSE_HEADERS,
             )
         try:
             body = await cancel_on_disconnect(request, service.complete(prepared))
@@ -172,38 +185,18 @@ def _install_routes(app: FastAPI) -> None:
             "data": [{"name": n, "default": n == registry.default} for n in registry.names()],
         }
 
-    @app.post("/v1/rewards/score")
-    async def score(request: Request) -> dict[str, Any]:
-        service: ChatCompletionService = request.app.state.service
-        parsed = parse_body(await request.body(), ScoreRequest)
-        if len(parsed.candidates) > service.settings.max_candidates:
-            raise InvalidRequestError(
-                f"at most {service.settings.max_candidates} candidates per call",
-                param="candidates",
-            )
-        constraints = tuple(parsed.constraints or ())
-        client = service.rewards.get(parsed.reward, constraints=constraints)
-        conversation = [{"role": m.role, "content": m.text()} for m in parsed.messages]
-        scores = await cancel_on_disconnect(request, client.score(conversation, parsed.candidates))
-        return {"object": "reward.scores", "reward": client.name, "scores": scores}
+    @app.post("/v1/rewards/score", response_model=None)
+    async def score(request: Request) -> Response:
+        scorer: ScoreService = request.app.state.scorer
+        try:
+            return JSONResponse(await scorer.score(await request.body(), request))
+        except ClientDisconnected:
+            return Response(status_code=499)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        engine_health = await request.app.state.engine.health()
-        admission: Admission = request.app.state.admission
-        healthy = engine_health.healthy and not admission.draining
-        body = {
-            "status": "ok" if healthy else "unavailable",
-            "engine": {
-                "healthy": engine_health.healthy,
-                "running_requests": engine_health.running_requests,
-                "detail": engine_health.detail,
-                **engine_health.extra,
-            },
-            "requests_in_flight": admission.in_flight,
-            "draining": admission.draining,
-        }
-        return JSONResponse(body, status_code=200 if healthy else 503)
+        status, body = await health_report(request.app.state.engine, request.app.state.admission)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -212,10 +205,33 @@ def _install_routes(app: FastAPI) -> None:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
 
+def _event_stream(service: ChatCompletionService, prepared: PreparedRequest) -> AsyncIterator[str]:
+    """The request's SSE frames; searches that stream no tokens get keep-alive frames."""
+    frames = service.stream(prepared)
+    if prepared.strategy.streams_tokens:
+        return frames  # the token hot path: nothing in between
+    return with_keepalive(
+        frames, service.settings.stream_keepalive_seconds, _keepalive_chunk(prepared)
+    )
+
+
+def _keepalive_chunk(prepared: PreparedRequest) -> str:
+    """A chunk of the request's stream with no choices (and no progress): a no-op to clients.
+
+    Not an SSE comment: ``vllm bench serve`` (0.32) strips each network read before
+    buffering it, so a comment arriving alone loses its blank line and glues itself to every
+    later event, failing the request. It skips chunks without choices, and the official
+    client parses them like the usage and progress chunks.
+    """
+    usage_field = {"usage": None} if prepared.request.include_usage() else {}
+    return sse(prepared.header.chunk([], **usage_field))
+
+
 async def _released_after(frames: AsyncIterator[str], admission: Admission) -> AsyncIterator[str]:
-    """Hold the admission slot for as long as the stream runs."""
+    """Hold the admission slot until the stream has run and been closed (its work aborted)."""
     try:
-        async for frame in frames:
-            yield frame
+        async with aclosing(frames):
+            async for frame in frames:
+                yield frame
     finally:
         admission.release()

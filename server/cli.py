@@ -18,6 +18,8 @@ from pydantic import ValidationError
 from server.settings import ServerSettings
 
 ENV_PREFIX = "TTALIGN_"
+#: uvicorn's exit status when the app fails to start.
+STARTUP_FAILURE = 3
 
 
 def _flag(name: str) -> str:
@@ -78,18 +80,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_startup_files(settings: ServerSettings) -> None:
+    """Read the API key and reward config files, so a bad one fails before the engine starts."""
+    from reward_clients.config import read_reward_config
+    from server.auth import load_api_keys
+
+    load_api_keys(settings)
+    if settings.reward_config is not None:
+        read_reward_config(settings.reward_config, settings.default_reward)
+
+
 def serve(settings: ServerSettings) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.shutdown import FLUSH_SECONDS, DrainingServer
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+        timeout_graceful_shutdown=FLUSH_SECONDS,
     )
+    server = DrainingServer(
+        config, drain=lambda: app.state.admission.drain(settings.shutdown_grace_seconds)
+    )
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def describe_invalid_settings(error: ValidationError) -> str:
+    """One line per problem, without the offending values (they may be secrets)."""
+    lines = [
+        f"  {'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"
+        for e in error.errors(include_input=False, include_url=False)
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -97,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        sys.exit(f"ttalign: invalid settings:\n{exc}")
+        sys.exit(f"ttalign: invalid settings:\n{describe_invalid_settings(exc)}")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -106,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         print(resolve_model_path(settings))
     else:
+        try:
+            check_startup_files(settings)
+        except ValueError as exc:  # ApiKeyConfigError, RewardConfigError
+            sys.exit(f"ttalign: {exc}")
         serve(settings)
 
 

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from reward_clients.base import RewardClientError, RewardTimeout, RewardUnavailable
 from reward_clients.registry import UnknownRewardError
 from reward_clients.rules import InvalidConstraintsError
+from server.engine.base import EngineUnavailableError
 from strategies.errors import InvalidStrategyRequest
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,9 @@ def to_api_error(exc: BaseException) -> APIError:
         return InvalidRequestError(str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, RequestValidationError):
         return validation_error(exc.errors())
+    if isinstance(exc, EngineUnavailableError):
+        logger.error("engine unavailable: %s", exc, exc_info=exc.__cause__)
+        return ServiceUnavailableError(str(exc), code="engine_unavailable")
     logger.error("unhandled error", exc_info=exc)
     # The message names the type but never the traceback: internals stay in the log.
     return APIError(

@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: The ``strategy`` label value that counts ``/v1/rewards/score`` calls.
+SCORE_ROUTE_LABEL = "rewards.score"
 
 
 class Metrics:
@@ -16,7 +18,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "ttalign_requests",
-            "Chat completion requests by strategy and HTTP status.",
+            "Requests by strategy (rewards.score for /v1/rewards/score) and HTTP status.",
             ["strategy", "status"],
             registry=r,
         )
@@ -54,7 +56,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "ttalign_requests_in_flight",
-            "Chat completion requests being served.",
+            "Admitted requests being served (chat completions and scoring calls).",
             registry=r,
         )
         self.rejected = Counter(

@@ -71,7 +71,12 @@ def test_non_streamed_tpo(responses: dict[str, Any]) -> None:
 def test_streamed_tpo_reports_progress_before_the_answer(responses: dict[str, Any]) -> None:
     chunks = responses["chunks"]
     first_content = next(i for i, c in enumerate(chunks) if c.choices)
-    progress = [c.model_extra.get("alignment_progress") for c in chunks[:first_content]]
+    # Before the answer come progress reports and keep-alives (chunks with neither field).
+    progress = [
+        c.model_extra["alignment_progress"]
+        for c in chunks[:first_content]
+        if c.model_extra.get("alignment_progress")
+    ]
     assert [p["round"] for p in progress] == list(range(DEPTH + 1))
     assert progress[-1]["candidates_scored"] >= WIDTH
     answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

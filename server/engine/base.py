@@ -7,7 +7,7 @@ scripted fake engine in ``tests/fakes.py``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -99,6 +99,8 @@ class CompletionDelta:
     logprobs: tuple[TokenLogprob, ...] | None = None
     #: Set on every delta; lets the consumer report usage without a second call.
     prompt_tokens: int = 0
+    #: The ids of the new tokens (``num_tokens`` of them).
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -129,6 +131,17 @@ class EngineClient(Protocol):
         """The context window in tokens."""
         ...
 
+    @property
+    def sampling_defaults(self) -> Mapping[str, float | int]:
+        """The model's own sampling defaults, for the fields a request leaves unset.
+
+        Keys are among ``temperature``, ``top_p``, ``top_k``, ``min_p``,
+        ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty`` and
+        ``max_tokens`` (as ``vllm serve`` reads them from ``generation_config.json``);
+        empty when the model sets none or the server was told to ignore them.
+        """
+        ...
+
     async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
     ) -> list[int]:
@@ -146,7 +159,11 @@ class EngineClient(Protocol):
         ...
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
-        """Sample ``sampling.n`` completions of ``prompt`` in one batched request."""
+        """Sample ``sampling.n`` completions of ``prompt`` in one batched request.
+
+        Raises :class:`EngineRequestError` for settings the engine refuses and
+        :class:`EngineUnavailableError` when the engine has died or failed the request.
+        """
         ...
 
     def stream(self, prompt: Prompt, sampling: SamplingSettings) -> AsyncIterator[CompletionDelta]:
@@ -160,6 +177,10 @@ class EngineClient(Protocol):
     async def shutdown(self) -> None:
         """Stop the engine and release its resources."""
         ...
+
+
+class EngineStartupError(RuntimeError):
+    """The engine could not start; the message says which setting to change."""
 
 
 class EngineUnavailableError(RuntimeError):

@@ -33,6 +33,7 @@ def build_engine(settings: ServerSettings) -> EngineClient:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         kv_cache_memory=settings.kv_cache_memory,
         chat_template=str(settings.chat_template) if settings.chat_template else None,
+        generation_config=settings.generation_config,
         tensor_parallel_size=settings.tensor_parallel_size,
         max_num_seqs=settings.max_num_seqs,
         enable_prefix_caching=settings.enable_prefix_caching,

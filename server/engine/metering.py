@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from server.engine.base import (
@@ -40,6 +41,10 @@ class MeteredEngine:
     def max_model_len(self) -> int:
         return self._engine.max_model_len
 
+    @property
+    def sampling_defaults(self) -> Mapping[str, float | int]:
+        return self._engine.sampling_defaults
+
     async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
     ) -> list[int]:
@@ -62,12 +67,15 @@ class MeteredEngine:
     ) -> AsyncIterator[CompletionDelta]:
         self._count_call(sampling)
         counted_prompt = False
-        async for delta in self._engine.stream(prompt, sampling):
-            if not counted_prompt:
-                self.usage.prompt_tokens += delta.prompt_tokens
-                counted_prompt = True
-            self.usage.completion_tokens += delta.num_tokens
-            yield delta
+        # Closing this stream closes the engine's at once (which aborts its request),
+        # rather than whenever the garbage collector finalizes it.
+        async with aclosing(self._engine.stream(prompt, sampling)) as deltas:
+            async for delta in deltas:
+                if not counted_prompt:
+                    self.usage.prompt_tokens += delta.prompt_tokens
+                    counted_prompt = True
+                self.usage.completion_tokens += delta.num_tokens
+                yield delta
 
     async def health(self) -> EngineHealth:
         return await self._engine.health()

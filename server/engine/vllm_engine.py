@@ -1,11 +1,16 @@
-"""The in-process engine: vLLM's ``AsyncLLM``. The only module that imports vLLM."""
+"""The in-process engine: vLLM's ``AsyncLLM``.
+
+With ``vllm_memory`` and ``vllm_errors`` beside it, the only code that imports vLLM.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +19,37 @@ from server.engine.base import (
     CompletionDelta,
     EngineHealth,
     EngineRequestError,
+    EngineStartupError,
     Generation,
     Prompt,
     SamplingSettings,
+    StructuredOutput,
     TokenLogprob,
 )
+from server.engine.vllm_errors import request_error, unavailable_error
+from server.engine.vllm_memory import check_kv_cache_fits, cpu_node_memory, start_failure_message
 
 logger = logging.getLogger(__name__)
 
-# vLLM names the prompt by its internals; the API knows it as the messages.
-_PROMPT_PARAMETERS = {
-    "input_tokens": "messages",
-    "prompt": "messages",
-    "prompt_token_ids": "messages",
-}
+#: vLLM samples greedily below this temperature (its ``_SAMPLING_EPS``).
+GREEDY_TEMPERATURE = 1e-5
+
+#: The ``generation_config.json`` fields that ``vllm serve`` uses as sampling defaults.
+SAMPLING_DEFAULT_KEYS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "max_tokens",
+    }
+)
+
+#: The seeds vLLM accepts: a signed 64-bit integer (it fails a request with any other).
+SEED_RANGE = range(-(2**63), 2**63)
 
 
 class VllmEngine:
@@ -39,6 +61,7 @@ class VllmEngine:
         self._model_name = model_name
         self._tokenizer = llm.get_tokenizer()
         self._max_model_len = int(llm.model_config.max_model_len)
+        self._sampling_defaults = model_sampling_defaults(llm.model_config)
         self._running: set[str] = set()
 
     @classmethod
@@ -52,23 +75,34 @@ class VllmEngine:
         gpu_memory_utilization: float = 0.9,
         kv_cache_memory: int | None = None,
         chat_template: str | None = None,
+        generation_config: str = "auto",
         tensor_parallel_size: int = 1,
         max_num_seqs: int = 64,
         enable_prefix_caching: bool = True,
         seed: int = 0,
         enforce_eager: bool = False,
     ) -> VllmEngine:
-        """Build the engine (this spawns vLLM's engine-core process)."""
+        """Build the engine (this spawns vLLM's engine-core process).
+
+        ``generation_config`` is ``auto`` (the model's ``generation_config.json`` supplies
+        :attr:`sampling_defaults`, as in ``vllm serve``) or ``vllm`` (no model defaults).
+        Raises :class:`~server.engine.base.EngineStartupError` when the engine cannot start,
+        before spawning anything where the cause can be known in advance.
+        """
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        template = load_chat_template(chat_template) if chat_template else None
+        kv_cache_bytes = resolve_kv_cache_memory(kv_cache_memory)
+        check_kv_cache_fits(kv_cache_bytes, cpu_node_memory())
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=[model_name],
             dtype=resolve_dtype(dtype),
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory_bytes=resolve_kv_cache_memory(kv_cache_memory),
+            kv_cache_memory_bytes=kv_cache_bytes,
+            generation_config=generation_config,
             tensor_parallel_size=tensor_parallel_size,
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching,
@@ -76,8 +110,12 @@ class VllmEngine:
             seed=seed,
             enforce_eager=enforce_eager,
         )
-        template = Path(chat_template).read_text() if chat_template else None
-        return cls(AsyncLLM.from_engine_args(args), model_name, template)
+        try:
+            llm = AsyncLLM.from_engine_args(args)
+        except RuntimeError as exc:  # the engine core process died while starting
+            message = start_failure_message(exc, kv_cache_bytes, cpu_node_memory(), model_path)
+            raise EngineStartupError(message) from exc
+        return cls(llm, model_name, template)
 
     # --- EngineClient ---------------------------------------------------------------------
 
@@ -88,6 +126,10 @@ class VllmEngine:
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+    @property
+    def sampling_defaults(self) -> Mapping[str, float | int]:
+        return self._sampling_defaults
 
     async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
@@ -102,13 +144,22 @@ class VllmEngine:
     def _render_chat(
         self, messages: Sequence[dict[str, str]], continue_final_message: bool
     ) -> list[int]:
-        rendered = self._tokenizer.apply_chat_template(
-            list(messages),
-            tokenize=True,
-            chat_template=self._chat_template,
-            add_generation_prompt=not continue_final_message,
-            continue_final_message=continue_final_message,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            rendered = self._tokenizer.apply_chat_template(
+                list(messages),
+                tokenize=True,
+                chat_template=self._chat_template,
+                add_generation_prompt=not continue_final_message,
+                continue_final_message=continue_final_message,
+            )
+        except (TemplateError, ValueError) as exc:
+            # Templates refuse conversations they cannot render (raise_exception), and
+            # transformers raises ValueError for ones it cannot apply the template to.
+            raise EngineRequestError(
+                f"The model's chat template refused these messages: {exc}", param="messages"
+            ) from None
         # transformers 5 returns a BatchEncoding-like mapping; older versions a list.
         ids = (
             rendered["input_ids"]
@@ -123,9 +174,11 @@ class VllmEngine:
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         from vllm.sampling_params import RequestOutputKind
 
+        copies, request = _greedy_copies(sampling)
         final = None
-        async for output in self._run(prompt, sampling, RequestOutputKind.FINAL_ONLY):
-            final = output
+        async with aclosing(self._run(prompt, request, RequestOutputKind.FINAL_ONLY)) as outputs:
+            async for output in outputs:
+                final = output
         assert final is not None, "vLLM finished a request without output"
         completions = tuple(
             Completion(
@@ -137,6 +190,8 @@ class VllmEngine:
             )
             for out in sorted(final.outputs, key=lambda o: o.index)
         )
+        if copies > 1:
+            completions = tuple(replace(completions[0], index=i) for i in range(copies))
         return Generation(prompt_tokens=len(final.prompt_token_ids or ()), completions=completions)
 
     async def stream(
@@ -144,19 +199,24 @@ class VllmEngine:
     ) -> AsyncIterator[CompletionDelta]:
         from vllm.sampling_params import RequestOutputKind
 
-        async for output in self._run(prompt, sampling, RequestOutputKind.DELTA):
-            prompt_tokens = len(output.prompt_token_ids or ())
-            for out in output.outputs:
-                if not out.token_ids and out.finish_reason is None:
-                    continue
-                yield CompletionDelta(
-                    index=out.index,
-                    text=out.text,
-                    num_tokens=len(out.token_ids),
-                    finish_reason=_finish_reason(out.finish_reason),
-                    logprobs=self._logprobs(out.logprobs, out.token_ids, sampling),
-                    prompt_tokens=prompt_tokens,
-                )
+        copies, request = _greedy_copies(sampling)
+        async with aclosing(self._run(prompt, request, RequestOutputKind.DELTA)) as outputs:
+            async for output in outputs:
+                prompt_tokens = len(output.prompt_token_ids or ())
+                for out in output.outputs:
+                    if not out.token_ids and out.finish_reason is None:
+                        continue
+                    delta = CompletionDelta(
+                        index=out.index,
+                        text=out.text,
+                        num_tokens=len(out.token_ids),
+                        token_ids=tuple(out.token_ids),
+                        finish_reason=_finish_reason(out.finish_reason),
+                        logprobs=self._logprobs(out.logprobs, out.token_ids, sampling),
+                        prompt_tokens=prompt_tokens,
+                    )
+                    for index in range(copies):
+                        yield replace(delta, index=index) if copies > 1 else delta
 
     async def health(self) -> EngineHealth:
         try:
@@ -181,37 +241,54 @@ class VllmEngine:
     async def _run(
         self, prompt: Prompt, sampling: SamplingSettings, kind: Any
     ) -> AsyncIterator[Any]:
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError
+        """One vLLM request's outputs; however this generator ends, the request ends too."""
+        from vllm.exceptions import VLLMClientError, VLLMServerError
 
         request_id = f"ttalign-{uuid.uuid4().hex}"
+        submitted = finished = False
         try:
-            params = self._sampling_params(SamplingParams, sampling, kind)
+            params = self._sampling_params(sampling, kind)
             token_ids = (
                 prompt
                 if isinstance(prompt, list)
                 else await asyncio.to_thread(self._tokenizer.encode, prompt)
             )
             self._running.add(request_id)
-            # Closing or cancelling this generator makes vLLM abort the request itself.
-            async for output in self._llm.generate(
-                {"prompt_token_ids": list(token_ids)}, params, request_id
-            ):
-                yield output
+            submitted = True
+            request = self._llm.generate({"prompt_token_ids": list(token_ids)}, params, request_id)
+            async with aclosing(request) as outputs:
+                async for output in outputs:
+                    finished = output.finished
+                    yield output
         except VLLMClientError as exc:
-            parameter = getattr(exc, "parameter", None)
-            raise EngineRequestError(
-                _vllm_message(exc), param=_PROMPT_PARAMETERS.get(parameter, parameter)
-            ) from None
+            raise request_error(exc, sampling) from None
+        except VLLMServerError as exc:
+            raise unavailable_error(exc, self._model_name) from exc
         finally:
             self._running.discard(request_id)
+            if submitted and not finished and not self._llm.errored:
+                # vLLM aborts a request when its generator is closed or cancelled; aborting
+                # by id as well leaves nothing behind however this generator ends.
+                await self._llm.abort(request_id)
 
-    @staticmethod
-    def _sampling_params(factory: Any, sampling: SamplingSettings, kind: Any) -> Any:
-        return factory(
+    def _sampling_params(self, sampling: SamplingSettings, kind: Any) -> Any:
+        from vllm import SamplingParams
+
+        if sampling.seed is not None and sampling.seed not in SEED_RANGE:
+            raise EngineRequestError(
+                f"seed must be a signed 64-bit integer, got {sampling.seed}.", param="seed"
+            )
+        return SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k is not None else 0,
+            min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            logit_bias=dict(sampling.logit_bias) or None,
+            structured_outputs=_structured_outputs(sampling.structured),
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
@@ -238,6 +315,33 @@ class VllmEngine:
     def _token_text(self, token_id: int, logprob: Any) -> str:
         decoded = getattr(logprob, "decoded_token", None)
         return decoded if decoded is not None else self._tokenizer.decode([token_id])
+
+
+def model_sampling_defaults(model_config: Any) -> dict[str, float | int]:
+    """The model's sampling defaults, read exactly as ``vllm serve`` reads them.
+
+    ``get_diff_sampling_param`` honours the engine's ``generation_config`` setting (empty
+    for ``vllm``) and renames Hugging Face's ``max_new_tokens`` to ``max_tokens``.
+    """
+    defaults = model_config.get_diff_sampling_param()
+    return {k: v for k, v in defaults.items() if k in SAMPLING_DEFAULT_KEYS}
+
+
+def load_chat_template(path: str) -> str:
+    """Read and parse a chat template file, so a bad one fails at start, not per request."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        template = Path(path).read_text()
+        ImmutableSandboxedEnvironment().parse(template)
+    except OSError as exc:
+        raise EngineStartupError(f"--chat-template {path}: {exc.strerror}") from None
+    except TemplateSyntaxError as exc:
+        raise EngineStartupError(
+            f"--chat-template {path}: line {exc.lineno}: {exc.message}"
+        ) from None
+    return template
 
 
 #: The CPU build's KV cache when none is configured. A fraction of "node memory" is
@@ -290,9 +394,28 @@ def resolve_dtype(dtype: str) -> str:
     return "float32"
 
 
-def _vllm_message(exc: Exception) -> str:
-    # vLLM appends "(parameter=..., value=...)" to str(); the bare message reads better.
-    return exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+def _greedy_copies(sampling: SamplingSettings) -> tuple[int, SamplingSettings]:
+    """How many copies of one sample to return, and the settings to sample it with.
+
+    vLLM refuses ``n > 1`` when sampling greedily ("n must be 1 when using greedy
+    sampling"): every sample would be the same. So one greedy sample is made and
+    returned ``n`` times, which is what the client asked for.
+    """
+    if sampling.n > 1 and sampling.temperature < GREEDY_TEMPERATURE:
+        return sampling.n, replace(sampling, n=1)
+    return 1, sampling
+
+
+def _structured_outputs(structured: StructuredOutput | None) -> Any:
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if structured.json_schema is not None:
+        return StructuredOutputsParams(json=structured.json_schema)
+    if structured.json_object:
+        return StructuredOutputsParams(json_object=True)
+    return None
 
 
 def _finish_reason(reason: str | None) -> Any:
