@@ -8,7 +8,8 @@ Everything that is not I/O is written once here:
   :class:`RewardUnavailable` naming the client;
 - checks that the backend returned one finite score per candidate (a partial answer raises
   :class:`RewardClientError`, it is never scored as zero);
-- the ``ttalign_reward_*`` metrics.
+- the ``ttalign_reward_*`` metrics (outcome ``cancelled`` when every caller of a batch
+  went away and the batch was abandoned).
 
 A subclass implements only :meth:`BackendReward.score_items`.
 """
@@ -19,14 +20,31 @@ import asyncio
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from reward_clients.base import Message, RewardClientError, RewardTimeout, RewardUnavailable
 from reward_clients.batching import MicroBatcher
+
+T = TypeVar("T")
+
+
+async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:
+    """Await ``awaitables`` concurrently; on the first failure cancel the rest and raise it.
+
+    Unlike :func:`asyncio.gather`, no sibling is left running after one has failed, so a
+    failed or timed-out backend call leaves no orphaned work behind (engine requests
+    included).
+    """
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for the finished ones
 
 
 class BackendSettings(BaseModel):
@@ -112,8 +130,16 @@ class BackendReward(ABC):
         await self._batcher.close()
 
     async def _score_batch(self, items: list[ScoringItem]) -> list[float]:
-        s = self.settings
         started = time.monotonic()
+        try:
+            return await self._score_with_retries(items, started)
+        except asyncio.CancelledError:
+            # Every caller of this batch went away (or the client is closing).
+            self._record("cancelled", started, len(items))
+            raise
+
+    async def _score_with_retries(self, items: list[ScoringItem], started: float) -> list[float]:
+        s = self.settings
         attempt = 0
         while True:
             try:

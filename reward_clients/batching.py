@@ -2,25 +2,66 @@
 
 Each caller submits a list of items and gets back one result per item. Items that arrive
 within ``window_seconds`` of the first pending one are flushed together, split into chunks
-of at most ``max_batch_size`` that run concurrently. A flush also starts as soon as
-``max_batch_size`` items are pending. A failed chunk fails only the callers with items in it.
+of at most ``max_batch_size`` that run concurrently, each as its own task. A flush also
+starts as soon as ``max_batch_size`` items are pending.
+
+A caller gets its results once every chunk holding its items is done; a failed chunk fails
+only the callers with items in it. Work nobody waits for is not done: a caller cancelled
+before the flush is left out of it, and a chunk is cancelled as soon as every caller with
+items in it has been cancelled (a client that disconnects thus aborts its backend work,
+judge calls on the engine included). A chunk shared with a caller still waiting runs on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass
-class _Pending(Generic[T, R]):
+@dataclass(eq=False)
+class _Caller(Generic[T, R]):
+    """One ``submit`` call: its items, and its results as chunks deliver them."""
+
     items: Sequence[T]
     future: asyncio.Future[list[R]]
+    results: list[R | None] = field(init=False)
+    missing: int = field(init=False)
+    chunks: list[_Chunk[T, R]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.items)
+        self.missing = len(self.items)
+
+    def deliver(self, position: int, result: R) -> None:
+        self.results[position] = result
+        self.missing -= 1
+        if self.missing == 0 and not self.future.done():
+            self.future.set_result(self.results)  # type: ignore[arg-type]
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass(eq=False)
+class _Chunk(Generic[T, R]):
+    """Up to ``max_batch_size`` items, each with the caller and position it came from."""
+
+    slots: list[tuple[_Caller[T, R], int]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+    def callers(self) -> list[_Caller[T, R]]:
+        return list({id(caller): caller for caller, _ in self.slots}.values())
+
+    def abandoned(self) -> bool:
+        """Every caller with items here has stopped waiting (cancelled, or already failed)."""
+        return all(caller.future.done() for caller, _ in self.slots)
 
 
 class MicroBatcher(Generic[T, R]):
@@ -38,7 +79,7 @@ class MicroBatcher(Generic[T, R]):
         self._run = run
         self._window = max(window_seconds, 0.0)
         self._max = max_batch_size
-        self._pending: list[_Pending[T, R]] = []
+        self._pending: list[_Caller[T, R]] = []
         self._pending_items = 0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -48,72 +89,70 @@ class MicroBatcher(Generic[T, R]):
         if not items:
             return []
         loop = asyncio.get_running_loop()
-        pending = _Pending[T, R](items, loop.create_future())
-        self._pending.append(pending)
+        caller = _Caller[T, R](items, loop.create_future())
+        self._pending.append(caller)
         self._pending_items += len(items)
         if self._pending_items >= self._max or self._window == 0:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self._window, self._flush)
-        return await pending.future
+        return await caller.future
 
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        groups, self._pending, self._pending_items = self._pending, [], 0
-        if groups:
-            task = asyncio.ensure_future(self._execute(groups))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        callers = [c for c in self._pending if not c.future.done()]
+        self._pending, self._pending_items = [], 0
+        for chunk in self._chunks(callers):
+            chunk.task = asyncio.ensure_future(self._execute(chunk))
+            self._tasks.add(chunk.task)
+            chunk.task.add_done_callback(self._tasks.discard)
+        for caller in callers:
+            caller.future.add_done_callback(functools.partial(self._cancel_abandoned, caller))
 
-    async def _execute(self, groups: list[_Pending[T, R]]) -> None:
+    def _chunks(self, callers: list[_Caller[T, R]]) -> list[_Chunk[T, R]]:
+        chunks: list[_Chunk[T, R]] = []
+        for caller in callers:
+            for position in range(len(caller.items)):
+                if not chunks or len(chunks[-1].slots) == self._max:
+                    chunks.append(_Chunk())
+                chunk = chunks[-1]
+                chunk.slots.append((caller, position))
+                if not caller.chunks or caller.chunks[-1] is not chunk:
+                    caller.chunks.append(chunk)
+        return chunks
+
+    @staticmethod
+    def _cancel_abandoned(caller: _Caller[T, R], _: asyncio.Future[list[R]]) -> None:
+        for chunk in caller.chunks:
+            if chunk.task is not None and not chunk.task.done() and chunk.abandoned():
+                chunk.task.cancel()
+
+    async def _execute(self, chunk: _Chunk[T, R]) -> None:
         try:
-            await self._settle(groups)
-        finally:
-            for group in groups:
-                if not group.future.done():
-                    group.future.cancel()
-
-    async def _settle(self, groups: list[_Pending[T, R]]) -> None:
-        # Flatten callers' items, remembering which caller and position each belongs to.
-        flat: list[T] = []
-        owners: list[tuple[int, int]] = []
-        for g, group in enumerate(groups):
-            for position, item in enumerate(group.items):
-                flat.append(item)
-                owners.append((g, position))
-        chunks = [
-            range(start, min(start + self._max, len(flat)))
-            for start in range(0, len(flat), self._max)
-        ]
-        outcomes = await asyncio.gather(
-            *(self._run([flat[i] for i in chunk]) for chunk in chunks), return_exceptions=True
-        )
-        results: list[list[R | None]] = [[None] * len(g.items) for g in groups]
-        failures: dict[int, BaseException] = {}
-        for chunk, outcome in zip(chunks, outcomes, strict=True):
-            for offset, i in enumerate(chunk):
-                g, position = owners[i]
-                if isinstance(outcome, BaseException):
-                    failures.setdefault(g, outcome)
-                else:
-                    results[g][position] = outcome[offset]
-        for g, group in enumerate(groups):
-            if group.future.done():
-                continue  # the caller was cancelled
-            if g in failures:
-                group.future.set_exception(failures[g])
-            else:
-                group.future.set_result(results[g])  # type: ignore[arg-type]
+            results = await self._run([caller.items[i] for caller, i in chunk.slots])
+            if len(results) != len(chunk.slots):
+                raise ValueError(f"{len(results)} results for a batch of {len(chunk.slots)}")
+        except asyncio.CancelledError:
+            for caller in chunk.callers():
+                caller.future.cancel()
+            raise
+        except Exception as exc:
+            for caller in chunk.callers():
+                caller.fail(exc)
+            return
+        for (caller, position), result in zip(chunk.slots, results, strict=True):
+            if not caller.future.done():
+                caller.deliver(position, result)
 
     async def close(self) -> None:
         """Cancel batches in flight; their callers see ``CancelledError``."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for group in self._pending:
-            group.future.cancel()
+        for caller in self._pending:
+            caller.future.cancel()
         self._pending, self._pending_items = [], 0
         for task in list(self._tasks):
             task.cancel()

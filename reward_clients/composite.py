@@ -1,51 +1,42 @@
-"""A weighted sum of other configured reward clients, each normalized within the batch.
+"""A weighted sum of other configured reward clients, each normalized to a common scale.
 
 Reward models answer on unrelated scales (a logit, a 1-9 rating, a 0-1 fraction), so each
-component's scores are first normalized across the candidates of the call, then weighted::
+component's scores are first normalized, then weighted::
 
-    composite[i] = sum(weight_c * normalize(scores_c)[i])
+    composite[i] = sum(weight_c * normalize_c(scores_c)[i])
 
-Normalizations:
+Normalizations (:mod:`reward_clients.normalization`): ``zscore`` (default), ``minmax`` or
+``none`` (raw scores).
 
-- ``zscore`` (default): ``(s - mean) / std``; all zeros when every candidate ties;
-- ``minmax``: ``(s - min) / (max - min)``, into [0, 1]; all zeros when every candidate ties;
-- ``none``: raw scores.
+**Calibration is per request.** The registry binds a composite once per request lookup
+(:meth:`CompositeReward.bind`), and the bound composite keeps one
+:class:`~reward_clients.normalization.Scaler` per component for all of its calls. Each
+scaler fixes its center on the component's first call (mean for ``zscore``, minimum for
+``minmax``) and its scale on the first call in which the component's scores differ from
+that center (their root mean square, or largest, distance from it); both then stay fixed.
+So within a request equal raw component scores always give equal composite scores, and a
+multi-round strategy (TPO) can compare candidates scored in different calls. When the first
+call has spread, the parameters are exactly that call's z-score (population standard
+deviation) or min-max ones; a lone candidate, or a call where all tie, scores 0 until a
+later call brings spread. ``POST /v1/rewards/score`` is one call, calibrated on itself.
 
-Normalizing within a batch makes the composite a ranking signal for the candidates of one
-call: a lone candidate scores 0 under ``zscore`` and ``minmax``. Components are scored
-concurrently; any component's failure fails the call.
+An unbound composite (one not obtained from :meth:`CompositeReward.bind`) calibrates each
+call afresh on that call alone. Components are scored concurrently; any component's
+failure fails the call (and cancels the other components' work).
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
-from reward_clients.backend import RewardMetrics
+from reward_clients.backend import RewardMetrics, gather_or_cancel
 from reward_clients.base import Message, RewardClient
+from reward_clients.normalization import Normalization, Scaler, normalize
 from reward_clients.registry import ConstraintAware
 
-Normalization = Literal["zscore", "minmax", "none"]
-
-
-def normalize(scores: Sequence[float], method: Normalization) -> list[float]:
-    """``scores`` normalized within the batch by ``method``."""
-    if method == "none" or not scores:
-        return list(scores)
-    if method == "minmax":
-        low, high = min(scores), max(scores)
-        span = high - low
-        return [(s - low) / span if span > 0 else 0.0 for s in scores]
-    mean = sum(scores) / len(scores)
-    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
-    return [(s - mean) / std if std > 0 else 0.0 for s in scores]
-
-
-def _bound(client: RewardClient, constraints: Sequence[dict[str, Any]]) -> RewardClient:
-    return client.bind(constraints) if isinstance(client, ConstraintAware) else client
+__all__ = ["CompositeReward", "Normalization", "normalize"]
 
 
 class CompositeReward:
@@ -58,16 +49,25 @@ class CompositeReward:
         normalization: Normalization = "zscore",
         *,
         metrics: Any = None,
+        per_request: bool = False,
     ) -> None:
+        """``per_request``: keep one calibration for every call (what :meth:`bind` makes)."""
         if not components:
             raise ValueError("a composite reward needs at least one component")
         self.name = name
         self.components = dict(components)
         self.normalization = normalization
         self._metrics = metrics
+        self._scalers = (
+            {key: Scaler(normalization) for key in self.components} if per_request else None
+        )
 
     def bind(self, constraints: Sequence[dict[str, Any]]) -> CompositeReward:
-        """This composite with constraint-aware components bound to ``constraints``."""
+        """A per-request composite: one calibration for all its calls, components bound.
+
+        Constraint-aware components (rule verifiers, nested composites) are bound to
+        ``constraints``; the others are shared as they are.
+        """
         bound = {
             key: (
                 client.bind(constraints) if isinstance(client, ConstraintAware) else client,
@@ -75,21 +75,24 @@ class CompositeReward:
             )
             for key, (client, weight) in self.components.items()
         }
-        return CompositeReward(self.name, bound, self.normalization, metrics=self._metrics)
+        return CompositeReward(
+            self.name, bound, self.normalization, metrics=self._metrics, per_request=True
+        )
 
     async def score(
         self, conversation: Sequence[Message], candidates: Sequence[str], *, partial: bool = False
     ) -> list[float]:
         started = time.monotonic()
-        parts = await asyncio.gather(
+        parts = await gather_or_cancel(
             *(
                 client.score(conversation, candidates, partial=partial)
                 for client, _ in self.components.values()
             )
         )
+        scalers = self._scalers or {key: Scaler(self.normalization) for key in self.components}
         total = [0.0] * len(candidates)
-        for (_, weight), scores in zip(self.components.values(), parts, strict=True):
-            for i, value in enumerate(normalize(scores, self.normalization)):
+        for (key, (_, weight)), scores in zip(self.components.items(), parts, strict=True):
+            for i, value in enumerate(scalers[key](scores)):
                 total[i] += weight * value
         RewardMetrics(self._metrics).record(
             self.name, "ok", time.monotonic() - started, len(candidates)

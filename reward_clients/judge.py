@@ -9,7 +9,8 @@ takes the expectation of the rating over the single-digit ratings among them::
 
 If no rating token is among the top-k, the candidate cannot be scored and the call fails
 (it is never scored as zero). All candidates of one call are requested concurrently, so the
-engine batches them.
+engine batches them; when one fails, or the call is cancelled (every caller went away, see
+:mod:`reward_clients.batching`), the others are cancelled too, which aborts them in the engine.
 
 Backends: the serving engine itself (an :class:`~server.engine.base.EngineClient`), or a
 remote OpenAI-compatible vLLM server (``/v1/chat/completions`` with
@@ -18,12 +19,11 @@ remote OpenAI-compatible vLLM server (``/v1/chat/completions`` with
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from reward_clients.backend import BackendReward, BackendSettings, ScoringItem
+from reward_clients.backend import BackendReward, BackendSettings, ScoringItem, gather_or_cancel
 from reward_clients.base import RewardClientError
 from reward_clients.http import JsonHttp
 
@@ -76,7 +76,7 @@ def expected_rating(
     mass: dict[int, float] = {}
     for token, logprob in alternatives:
         text = token.strip()
-        if text.isdigit() and scale_min <= int(text) <= scale_max:
+        if text.isascii() and text.isdigit() and scale_min <= int(text) <= scale_max:
             # The same rating can appear as several tokens (" 7" and "7"): add them up.
             mass[int(text)] = mass.get(int(text), 0.0) + math.exp(logprob)
     total = sum(mass.values())
@@ -116,7 +116,7 @@ class JudgeReward(BackendReward):
 
     async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
         rate = self._rate_remote if self._http is not None else self._rate_on_engine
-        alternatives = await asyncio.gather(
+        alternatives = await gather_or_cancel(
             *(rate(judge_messages(item, self.rubric, *self.scale)) for item in items)
         )
         scores = []

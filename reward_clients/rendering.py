@@ -3,10 +3,15 @@
 Reward models are sequence classifiers fine-tuned on chats rendered with their own chat
 template, so the candidate goes in as the final assistant turn of that template. The
 token ids are what the HTTP and local clients send, so both score the very same input.
+
+Loading a tokenizer and applying a chat template are CPU work (milliseconds per candidate),
+so the batch helpers run them in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -44,3 +49,23 @@ def render_text(tokenizer: Any, item: ScoringItem) -> str:
         add_generation_prompt=False,
         continue_final_message=item.partial,
     )
+
+
+async def render_ids_batch(tokenizer_path: str, items: Sequence[ScoringItem]) -> list[list[int]]:
+    """:func:`render_ids` of every item with the tokenizer at ``tokenizer_path``, in a thread."""
+
+    def render() -> list[list[int]]:
+        tokenizer = load_tokenizer(tokenizer_path)
+        return [render_ids(tokenizer, item) for item in items]
+
+    return await asyncio.to_thread(render)
+
+
+async def render_text_batch(tokenizer_path: str, items: Sequence[ScoringItem]) -> list[str]:
+    """:func:`render_text` of every item with the tokenizer at ``tokenizer_path``, in a thread."""
+
+    def render() -> list[str]:
+        tokenizer = load_tokenizer(tokenizer_path)
+        return [render_text(tokenizer, item) for item in items]
+
+    return await asyncio.to_thread(render)

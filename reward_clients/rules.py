@@ -21,35 +21,58 @@ case        ``case``: ``lower`` or ``upper``                 every cased letter 
 ifeval      ``instruction_id``, ``kwargs`` (object)          IFEval's strict check passes
 =========== ================================================ ===============================
 
-Regexes are user data run against model output, so they are capped in length, checked for
-nested quantifiers (the classic catastrophic-backtracking shape) and run with a time limit.
+Patterns are user data run against model output, so every regular expression here runs on
+RE2 (:mod:`reward_clients.linear_regex`), whose searches take time linear in the reply
+whatever the pattern. That makes the usual defences of a backtracking engine unnecessary
+(refusing "nested quantifiers" such as ``(a+)+``, a time limit per search): no pattern can
+be slow. A pattern RE2 cannot compile (backreferences, lookaround, a program over RE2's
+memory budget) is a 400 naming ``constraints[i].pattern``. IFEval instructions need all of
+their kwargs (:mod:`reward_clients.ifeval_arguments`), so that each check is deterministic.
+Request data is capped in size (:mod:`reward_clients.limits`); a bad constraint is a 400
+naming its field.
+
+Checks are CPU work, so :meth:`RuleVerifierReward.score` runs them in a worker thread and
+the event loop keeps serving other requests meanwhile. When the call is cancelled (its
+client disconnected), the thread stops before its next check.
+
 The :class:`RuleVerifierReward` registered as ``rules`` has no constraints of its own; the
 registry binds it to each request's constraints with :meth:`RuleVerifierReward.bind`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import re
+import threading
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-import regex
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from reward_clients import ifeval_checks
 from reward_clients.backend import RewardMetrics
 from reward_clients.base import Message
+from reward_clients.limits import (
+    MAX_CONSTRAINTS,
+    MAX_INSTRUCTION_ID_CHARS,
+    MAX_KEYWORD_CHARS,
+    MAX_KEYWORDS,
+    MAX_PATTERN_CHARS,
+)
+from reward_clients.linear_regex import PatternError, compile_pattern, well_formed
 
-MAX_PATTERN_CHARS = 512
-#: Wall-clock limit of one regex search over one candidate.
-REGEX_TIMEOUT_SECONDS = 0.05
-MAX_CONSTRAINTS = 64
+_JSON_FENCE = compile_pattern(r"(?s)^\s*```(?:json)?\s*\n(.*?)\n?```\s*$")
 
-# A group that contains a quantifier and is itself quantified: (a+)+, (\w*x)*, (a|b+){2,}.
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*]|\{\d+,?\d*\})\)(?:[+*]|\{\d+,?\d*\})")
-_JSON_FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n?```\s*$", re.DOTALL)
+Keyword = Annotated[str, Field(min_length=1, max_length=MAX_KEYWORD_CHARS)]
 
 
 class InvalidConstraintsError(ValueError):
@@ -99,8 +122,8 @@ class CharCount(_Range):
 
 class Keywords(_Constraint):
     type: Literal["keywords"]
-    required: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
-    forbidden: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    required: list[Keyword] = Field(default_factory=list, max_length=MAX_KEYWORDS)
+    forbidden: list[Keyword] = Field(default_factory=list, max_length=MAX_KEYWORDS)
 
     def satisfied(self, text: str, prompt: str) -> bool:
         lowered = text.lower()
@@ -113,26 +136,25 @@ class Regex(_Constraint):
     type: Literal["regex"]
     pattern: str = Field(min_length=1, max_length=MAX_PATTERN_CHARS)
     must_match: bool = True
+    _compiled: Any = PrivateAttr(None)
 
     @field_validator("pattern")
     @classmethod
-    def _safe_pattern(cls, pattern: str) -> str:
-        if _NESTED_QUANTIFIER.search(pattern):
-            raise ValueError("nested quantifiers such as (a+)+ are not allowed")
+    def _compiles(cls, pattern: str) -> str:
         try:
-            regex.compile(pattern)
-        except regex.error as exc:
-            raise ValueError(f"invalid regular expression: {exc}") from None
+            compile_pattern(pattern)
+        except PatternError as exc:
+            raise ValueError(
+                f"RE2 cannot compile this pattern ({exc}); patterns run on RE2, which "
+                "matches in linear time and so has no backreferences or lookaround"
+            ) from None
         return pattern
 
+    def model_post_init(self, context: Any) -> None:
+        self._compiled = compile_pattern(self.pattern)
+
     def satisfied(self, text: str, prompt: str) -> bool:
-        try:
-            found = regex.search(self.pattern, text, timeout=REGEX_TIMEOUT_SECONDS) is not None
-        except TimeoutError:
-            raise InvalidConstraintsError(
-                f"the pattern {self.pattern!r} took too long to run; simplify it"
-            ) from None
-        return found == self.must_match
+        return (self._compiled.search(text) is not None) == self.must_match
 
 
 class Json(_Constraint):
@@ -142,7 +164,7 @@ class Json(_Constraint):
         fenced = _JSON_FENCE.match(text)
         try:
             json.loads(fenced.group(1) if fenced else text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than Python parses: not JSON
             return False
         return True
 
@@ -157,7 +179,7 @@ class Case(_Constraint):
 
 class IfEval(_Constraint):
     type: Literal["ifeval"]
-    instruction_id: str = Field(min_length=1, max_length=100)
+    instruction_id: str = Field(min_length=1, max_length=MAX_INSTRUCTION_ID_CHARS)
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     def satisfied(self, text: str, prompt: str) -> bool:
@@ -181,16 +203,25 @@ def parse_constraints(raw: Sequence[dict[str, Any]]) -> tuple[_Constraint, ...]:
         except ValidationError as exc:
             raise _invalid(index, item, exc) from None
         if isinstance(constraint, IfEval):
-            try:
-                ifeval_checks.validate_instruction(constraint.instruction_id, constraint.kwargs)
-            except ifeval_checks.UnknownInstructionError as exc:
-                raise InvalidConstraintsError(
-                    str(exc), param=f"constraints[{index}].instruction_id"
-                ) from None
-            except ValueError as exc:
-                raise InvalidConstraintsError(str(exc), f"constraints[{index}].kwargs") from None
+            constraint = _with_checked_kwargs(index, constraint)
         parsed.append(constraint)
     return tuple(parsed)
+
+
+def _with_checked_kwargs(index: int, constraint: IfEval) -> IfEval:
+    try:
+        kwargs = ifeval_checks.validate_instruction(constraint.instruction_id, constraint.kwargs)
+    except ifeval_checks.UnknownInstructionError as exc:
+        raise InvalidConstraintsError(str(exc), f"constraints[{index}].instruction_id") from None
+    except ifeval_checks.InvalidArgumentError as exc:
+        raise _invalid_kwargs(index, exc) from None
+    return constraint.model_copy(update={"kwargs": kwargs})
+
+
+def _invalid_kwargs(index: int, exc: ValueError) -> InvalidConstraintsError:
+    argument = getattr(exc, "argument", None)
+    param = f"constraints[{index}].kwargs" + (f".{argument}" if argument else "")
+    return InvalidConstraintsError(f"{param}: {exc}", param=param)
 
 
 def _invalid(index: int, item: Any, exc: ValidationError) -> InvalidConstraintsError:
@@ -207,6 +238,10 @@ def _invalid(index: int, item: Any, exc: ValidationError) -> InvalidConstraintsE
         message = "type must be one of word_count, char_count, keywords, regex, json, case, ifeval"
         param = f"constraints[{index}].type"
     return InvalidConstraintsError(f"{param}: {message}", param=param)
+
+
+class _Abandoned(Exception):
+    """The caller of a scoring call went away; its worker thread stops early."""
 
 
 class RuleVerifierReward:
@@ -239,14 +274,33 @@ class RuleVerifierReward:
             raise InvalidConstraintsError(f"the {self.name!r} reward has no constraints bound")
         started = time.monotonic()
         prompt = next((m["content"] for m in reversed(conversation) if m.get("role") == "user"), "")
-        scores = [
-            sum(c.satisfied(text, prompt) for c in self.constraints) / len(self.constraints)
-            for text in candidates
-        ]
+        stop = threading.Event()
+        try:
+            scores = await asyncio.to_thread(self._score_all, prompt, list(candidates), stop)
+        except asyncio.CancelledError:
+            stop.set()  # nobody waits for the scores: the worker thread stops at its next check
+            raise
         RewardMetrics(self._metrics).record(
             self.name, "ok", time.monotonic() - started, len(candidates)
         )
         return scores
+
+    def _score_all(self, prompt: str, candidates: list[str], stop: threading.Event) -> list[float]:
+        prompt = well_formed(prompt)
+        return [self._fraction_satisfied(well_formed(text), prompt, stop) for text in candidates]
+
+    def _fraction_satisfied(self, text: str, prompt: str, stop: threading.Event) -> float:
+        met = 0
+        for index, constraint in enumerate(self.constraints):
+            if stop.is_set():
+                raise _Abandoned
+            try:
+                met += constraint.satisfied(text, prompt)
+            except (PatternError, ifeval_checks.InvalidArgumentError) as exc:
+                # Validation catches these; an IFEval argument that compiles alone but not
+                # inside IFEval's own pattern only shows here.
+                raise _invalid_kwargs(index, exc) from None
+        return met / len(self.constraints)
 
     async def close(self) -> None:
         return None

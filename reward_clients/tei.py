@@ -1,9 +1,9 @@
 """A sequence-classifier reward model behind Text Embeddings Inference's ``POST /predict``.
 
 TEI tokenizes itself, so the client renders each candidate with the reward model's chat
-template as text and sends the batch as ``[[text], ...]``; ``raw_scores: true`` returns
-logits rather than softmax probabilities. TEI answers one list of ``{label, score}`` per
-input; the configured ``label`` (or the only one) is the reward.
+template as text (in a worker thread) and sends the batch as ``[[text], ...]``;
+``raw_scores: true`` returns logits rather than softmax probabilities. TEI answers one list
+of ``{label, score}`` per input; the configured ``label`` (or the only one) is the reward.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from reward_clients.backend import BackendReward, BackendSettings, ScoringItem
 from reward_clients.base import RewardClientError
 from reward_clients.http import JsonHttp
-from reward_clients.rendering import load_tokenizer, render_text
+from reward_clients.rendering import render_text_batch
 
 
 class TeiReward(BackendReward):
@@ -36,8 +36,7 @@ class TeiReward(BackendReward):
         self._http = JsonHttp(name, url)
 
     async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
-        tokenizer = load_tokenizer(self._tokenizer_path)
-        inputs = [[render_text(tokenizer, item)] for item in items]
+        inputs = [[text] for text in await render_text_batch(self._tokenizer_path, items)]
         answer = await self._http.post(
             "/predict", {"inputs": inputs, "raw_scores": True, "truncate": True}
         )

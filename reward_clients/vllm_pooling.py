@@ -3,21 +3,21 @@
 ``vllm serve <reward-model> --runner pooling`` serves ``POST /classify``. It accepts either
 prompts (text or token ids, in a batch) or one chat (``messages``) per request. With a
 configured tokenizer the client renders every candidate with the reward model's chat
-template and sends the whole batch as token ids in one request; without one it sends one
-``messages`` request per candidate, concurrently, and lets the server render them.
-``use_activation: false`` makes vLLM return the raw logit instead of a sigmoid/softmax.
+template (in a worker thread) and sends the whole batch as token ids in one request;
+without one it sends one ``messages`` request per candidate, concurrently, and lets the
+server render them. ``use_activation: false`` makes vLLM return the raw logit instead of a
+sigmoid/softmax.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from reward_clients.backend import BackendReward, BackendSettings, ScoringItem
+from reward_clients.backend import BackendReward, BackendSettings, ScoringItem, gather_or_cancel
 from reward_clients.base import RewardClientError
 from reward_clients.http import JsonHttp
-from reward_clients.rendering import load_tokenizer, render_ids
+from reward_clients.rendering import render_ids_batch
 
 
 class VllmPoolingReward(BackendReward):
@@ -42,7 +42,7 @@ class VllmPoolingReward(BackendReward):
 
     async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
         if self._tokenizer_path is None:
-            answers = await asyncio.gather(
+            answers = await gather_or_cancel(
                 *(
                     self._classify(
                         {"messages": item.messages(), "continue_final_message": item.partial}
@@ -51,8 +51,8 @@ class VllmPoolingReward(BackendReward):
                 )
             )
             return [self._label_score(a["data"][0]) for a in answers]
-        tokenizer = load_tokenizer(self._tokenizer_path)
-        answer = await self._classify({"input": [render_ids(tokenizer, i) for i in items]})
+        ids = await render_ids_batch(self._tokenizer_path, items)
+        answer = await self._classify({"input": ids})
         data = sorted(answer["data"], key=lambda d: d["index"])
         return [self._label_score(d) for d in data]
 

@@ -14,13 +14,14 @@ from pydantic import (
     model_validator,
 )
 
+from reward_clients.limits import MAX_CONSTRAINTS
+
 logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 16
 #: Longest stop string: each one is matched against the tail of the text at every token.
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS_ENTRIES = 300
-MAX_CONSTRAINTS = 64
 #: Longest candidate reply ``/v1/rewards/score`` accepts, in characters.
 MAX_CANDIDATE_CHARS = 65536
 #: Seeds are 64-bit signed integers, as in vLLM.

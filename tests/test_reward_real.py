@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import json
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from reward_clients.backend import BackendSettings
+from reward_clients.config import load_reward_registry
+from reward_clients.judge import JudgeReward
+from reward_clients.limits import MAX_KEYWORDS
 from reward_clients.local_hf import TransformersReward
+from reward_clients.normalization import normalize
 from reward_clients.vllm_pooling import VllmPoolingReward
 from tests.servers import RunningServer
 
@@ -102,3 +112,226 @@ def test_judge_on_the_real_engine(real_server: RunningServer) -> None:
     assert any(s != round(s) for s in scores)
     assert scores == pytest.approx(again, abs=1e-3)  # greedy, deterministic
     assert len(set(scores)) == 3  # the candidate matters
+
+
+# --- hardening on the real stack ------------------------------------------------------------
+
+#: A long reply for the judge: its prompt is ~1,300 tokens, so 16 of them keep the CPU
+#: engine busy for several seconds.
+LONG_REPLY = " ".join(
+    f"Point {i}: the capital of France is Paris, on the Seine, home of the Louvre."
+    for i in range(70)
+)
+
+
+@pytest.fixture(scope="module")
+def server_and_loop(real_engine, serve_on_real_engine):
+    """A server over the real engine, the loop it runs on, and its reward registry."""
+    captured: dict[str, object] = {}
+
+    def rewards(settings, engine, metrics):
+        captured["loop"] = asyncio.get_running_loop()  # the lifespan runs on the server's loop
+        captured["registry"] = load_reward_registry(
+            settings.reward_config, None, engine=real_engine, metrics=metrics
+        )
+        return captured["registry"]
+
+    config = {
+        "clients": {
+            "mix": {
+                "type": "composite",
+                "components": {"judge": 1.0, "rules": 1.0},
+                "normalization": "zscore",
+            }
+        }
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "rewards.json"
+        path.write_text(json.dumps(config))
+        with serve_on_real_engine(reward_config=path, reward_factory=rewards) as server:
+            yield server, captured["loop"], captured["registry"]
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, coroutine) -> concurrent.futures.Future:
+    return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+
+def wait_until(predicate, timeout: float) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_cancelling_a_judge_call_aborts_it_in_the_engine(real_engine, server_and_loop):
+    _, loop, _ = server_and_loop
+    judge = JudgeReward("judge", engine=real_engine)
+    call = on_loop(loop, judge.score(CONVERSATION, [f"{i}. {LONG_REPLY}" for i in range(16)]))
+    wait_until(lambda: real_engine.engine_running_requests() > 0, timeout=30)
+    time.sleep(0.5)  # mid-way: the engine is prefilling the judge prompts
+    assert not call.done()
+    call.cancel()
+    wait_until(lambda: real_engine.engine_running_requests() == 0, timeout=2.0)
+    on_loop(loop, judge.close()).result(timeout=10)
+
+
+async def test_a_client_leaving_a_judge_score_call_aborts_it(real_server: RunningServer) -> None:
+    engine = real_server.app.state.engine
+    body = {
+        "reward": "judge",
+        "messages": CONVERSATION,
+        "candidates": [f"{i}. {LONG_REPLY}" for i in range(16)],
+    }
+    async with httpx.AsyncClient(timeout=120) as client:
+        call = asyncio.ensure_future(client.post(f"{real_server.api_url}/rewards/score", json=body))
+        deadline = time.monotonic() + 30
+        while engine.engine_running_requests() == 0:
+            assert time.monotonic() < deadline and not call.done()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        call.cancel()  # the HTTP connection closes: a disconnect
+        await asyncio.gather(call, return_exceptions=True)
+    started = time.monotonic()
+    while engine.engine_running_requests() > 0:
+        assert time.monotonic() - started < 2.0, "the judge's engine work outlived the client"
+        await asyncio.sleep(0.02)
+
+
+def test_composite_scores_are_fixed_per_request_on_the_real_judge(server_and_loop) -> None:
+    server, loop, registry = server_and_loop
+    constraints = ({"type": "word_count", "max": 3},)
+    candidates = ["Paris.", "It is Paris, the capital.", "Lyon, I think."]
+
+    def score(reward: str, replies: list[str]) -> list[float]:
+        response = httpx.post(
+            f"{server.api_url}/rewards/score",
+            json={
+                "reward": reward,
+                "messages": CONVERSATION,
+                "candidates": replies,
+                "constraints": list(constraints),
+            },
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["scores"]
+
+    # One /v1/rewards/score call is calibrated on itself: plain z-scores of each component.
+    judged, ruled = score("judge", candidates), score("rules", candidates)
+    pairs = zip(normalize(judged, "zscore"), normalize(ruled, "zscore"), strict=True)
+    expected = [a + b for a, b in pairs]
+    assert score("mix", candidates) == pytest.approx(expected, abs=1e-6)
+
+    # Within one request (one bound client), a later call maps equal raw scores alike.
+    request = registry.get("mix", constraints=constraints)
+    first = on_loop(loop, request.score(CONVERSATION, candidates)).result(timeout=120)
+    later = on_loop(loop, request.score(CONVERSATION, candidates[1:2])).result(timeout=120)
+    assert later == [first[1]]
+    assert first == pytest.approx(expected, abs=1e-6)
+
+
+def test_rule_errors_and_limits_are_400s_on_the_real_server(real_server: RunningServer) -> None:
+    def score(constraints: list[dict], candidates: list[str]) -> httpx.Response:
+        return httpx.post(
+            f"{real_server.api_url}/rewards/score",
+            json={
+                "reward": "rules",
+                "messages": CONVERSATION,
+                "candidates": candidates,
+                "constraints": constraints,
+            },
+            timeout=60,
+        )
+
+    cases = [
+        ([{"type": "regex", "pattern": r"(\w)\1"}], "constraints[0].pattern"),
+        (
+            [{"type": "ifeval", "instruction_id": "length_constraints:number_words"}],
+            "constraints[0].kwargs.num_words",
+        ),
+        (
+            [{"type": "keywords", "required": ["k"] * (MAX_KEYWORDS + 1)}],
+            "constraints[0].required",
+        ),
+    ]
+    for constraints, param in cases:
+        response = score(constraints, ["Paris."])
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["param"] == param and error["code"] == "invalid_constraints"
+
+    # A pattern that backtracks catastrophically in Python's re runs in linear time on RE2.
+    started = time.monotonic()
+    response = score([{"type": "regex", "pattern": r"^(a+)+$"}], ["a" * 65_000 + "!"])
+    assert response.status_code == 200 and response.json()["scores"] == [0.0]
+    assert time.monotonic() - started < 5.0
+
+
+def test_ifeval_scores_are_deterministic_on_the_real_server(real_server: RunningServer) -> None:
+    body = {
+        "reward": "rules",
+        "messages": CONVERSATION,
+        "candidates": ["the die", "The capital of France is Paris."],
+        "constraints": [
+            {
+                "type": "ifeval",
+                "instruction_id": "language:response_language",
+                "kwargs": {"language": "en"},
+            },
+            {
+                "type": "ifeval",
+                "instruction_id": "length_constraints:number_words",
+                "kwargs": {"num_words": 3, "relation": "at least"},
+            },
+        ],
+    }
+    answers = {
+        tuple(httpx.post(f"{real_server.api_url}/rewards/score", json=body).json()["scores"])
+        for _ in range(20)
+    }
+    assert len(answers) == 1
+
+
+async def _worst_tick_lag(stop: threading.Event) -> float:
+    """Tick every 50 ms on the running loop until ``stop``; the worst lateness of a tick."""
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    while not stop.is_set():
+        expected = loop.time() + 0.05
+        await asyncio.sleep(0.05)
+        worst = max(worst, loop.time() - expected)
+    return worst
+
+
+def test_rule_checks_leave_the_real_server_loop_responsive(server_and_loop) -> None:
+    server, loop, _ = server_and_loop
+    words = ["Alpha", "beta", "GAMMA", "delta.", "Epsilon", "zeta,", "THETA!", "kappa?"]
+    text = " ".join(words[(3 * j) % 8] for j in range(11_000))
+    body = {
+        "reward": "rules",
+        "messages": CONVERSATION,
+        "candidates": [f"{i} {text}"[:65_000] for i in range(6)],
+        "constraints": [
+            {
+                "type": "ifeval",
+                "instruction_id": "change_case:capital_word_frequency",
+                "kwargs": {"capital_frequency": 3, "capital_relation": "at least"},
+            },
+            {
+                "type": "ifeval",
+                "instruction_id": "length_constraints:number_sentences",
+                "kwargs": {"num_sentences": 3, "relation": "at least"},
+            },
+        ],
+    }
+    stop = threading.Event()
+    ticker = on_loop(loop, _worst_tick_lag(stop))
+    started = time.monotonic()
+    response = httpx.post(f"{server.api_url}/rewards/score", json=body, timeout=120)
+    duration = time.monotonic() - started
+    stop.set()
+    assert response.status_code == 200 and len(response.json()["scores"]) == 6
+    assert duration > 1.0, "the work is too small to show a blocked loop"
+    assert ticker.result(timeout=10) < 0.5

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from reward_clients import ifeval_checks
+from reward_clients.limits import (
+    MAX_CONSTRAINTS,
+    MAX_INSTRUCTION_ID_CHARS,
+    MAX_KEYWORD_CHARS,
+    MAX_KEYWORDS,
+    MAX_PATTERN_CHARS,
+)
 from reward_clients.rules import InvalidConstraintsError, RuleVerifierReward
 
 USER = [{"role": "user", "content": "Write something."}]
@@ -106,8 +115,9 @@ def test_every_ifeval_id_is_known() -> None:
         ([{"type": "keywords", "required": [3]}], "constraints[0].required[0]", "string"),
         ([{"type": "case", "case": "title"}], "constraints[0].case", "lower"),
         ([{"type": "json", "extra": 1}], "constraints[0].extra", "not permitted"),
-        ([{"type": "regex", "pattern": "(a+)+$"}], "constraints[0].pattern", "nested"),
-        ([{"type": "regex", "pattern": "(unclosed"}], "constraints[0].pattern", "invalid"),
+        ([{"type": "regex", "pattern": r"(a)\1"}], "constraints[0].pattern", "backreferences"),
+        ([{"type": "regex", "pattern": "x(?=y)"}], "constraints[0].pattern", "RE2 cannot"),
+        ([{"type": "regex", "pattern": "(unclosed"}], "constraints[0].pattern", "missing )"),
         ([{"type": "regex", "pattern": "x" * 600}], "constraints[0].pattern", "at most"),
         (
             [{"type": "ifeval", "instruction_id": "made:up"}],
@@ -116,8 +126,8 @@ def test_every_ifeval_id_is_known() -> None:
         ),
         (
             [{"type": "ifeval", "instruction_id": "punctuation:no_comma", "kwargs": {"x": 1}}],
-            "constraints[0].kwargs",
-            "invalid kwargs",
+            "constraints[0].kwargs.x",
+            "not an argument",
         ),
     ],
 )
@@ -149,3 +159,79 @@ def test_partial_candidates_render_as_an_open_assistant_turn() -> None:
     assert render_ids(tokenizer, ScoringItem(conversation, "One, two", partial=True)) == (
         tokenizer.encode(open_turn, add_special_tokens=False)
     )
+
+
+# --- linear time, caps and hostile input ------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(x+x+)+y", r"^(\w+\s?)*$", r"(a|aa)+b"])
+async def test_regexes_run_in_linear_time(pattern: str) -> None:
+    client = RuleVerifierReward().bind([{"type": "regex", "pattern": pattern}])
+    hostile = ["a" * 65_536 + "!", "x" * 65_536, "word " * 13_000 + "!"]
+    started = time.monotonic()
+    await client.score(USER, hostile)
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    ("constraints", "param", "words"),
+    [
+        ([{"type": "json"}] * (MAX_CONSTRAINTS + 1), "constraints", f"at most {MAX_CONSTRAINTS}"),
+        (
+            [{"type": "keywords", "required": [f"k{i}" for i in range(MAX_KEYWORDS + 1)]}],
+            "constraints[0].required",
+            "at most",
+        ),
+        (
+            [{"type": "keywords", "forbidden": ["ok", "x" * (MAX_KEYWORD_CHARS + 1)]}],
+            "constraints[0].forbidden[1]",
+            "at most",
+        ),
+        ([{"type": "keywords", "required": [""]}], "constraints[0].required[0]", "at least"),
+        (
+            [{"type": "regex", "pattern": "x" * (MAX_PATTERN_CHARS + 1)}],
+            "constraints[0].pattern",
+            "at most",
+        ),
+        ([{"type": "regex", "pattern": r"\pL{200}"}], "constraints[0].pattern", "too large"),
+        ([{"type": "regex", "pattern": "a\ud800"}], "constraints[0].pattern", "valid string"),
+        (
+            [{"type": "ifeval", "instruction_id": "x" * (MAX_INSTRUCTION_ID_CHARS + 1)}],
+            "constraints[0].instruction_id",
+            "at most",
+        ),
+    ],
+)
+def test_caps_are_400s_naming_the_field(constraints: list, param: str, words: str) -> None:
+    with pytest.raises(InvalidConstraintsError) as caught:
+        RuleVerifierReward().bind(constraints)
+    assert caught.value.param == param
+    assert words in str(caught.value)
+
+
+def test_limits_that_fit_are_accepted() -> None:
+    RuleVerifierReward().bind(
+        [{"type": "keywords", "required": ["k" * MAX_KEYWORD_CHARS] * MAX_KEYWORDS}]
+        + [{"type": "regex", "pattern": "y" * MAX_PATTERN_CHARS}] * (MAX_CONSTRAINTS - 1)
+    )
+
+
+async def test_lone_surrogates_and_deep_nesting_score_without_errors() -> None:
+    client = RuleVerifierReward().bind(
+        [
+            {"type": "regex", "pattern": "b"},
+            {"type": "keywords", "required": ["a"]},
+            {"type": "json"},
+            {"type": "case", "case": "lower"},
+            {"type": "ifeval", "instruction_id": "detectable_format:json_format"},
+            {
+                "type": "ifeval",
+                "instruction_id": "keywords:frequency",
+                "kwargs": {"keyword": "b", "frequency": 1, "relation": "at least"},
+            },
+        ]
+    )
+    scores = await client.score(
+        [{"role": "user", "content": "x\udc00"}], ["a\ud800b", "[" * 100_000, '["a\udfffb"]']
+    )
+    assert scores == [4 / 6, 0.0, 1.0]
