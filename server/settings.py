@@ -94,7 +94,7 @@ class ServerSettings(BaseSettings):
     stream_keepalive_seconds: float = Field(
         1.0,
         gt=0,
-        description="Interval of the ': keep-alive' SSE comments that streamed searches "
+        description="Interval of the keep-alive chunks (choices: []) that streamed searches "
         "send while they have nothing else to send (the first goes out at once).",
     )
 
@@ -132,11 +132,14 @@ class ServerSettings(BaseSettings):
     request_timeout_seconds: float | None = Field(
         None,
         gt=0,
-        description="Default wall-clock budget of one request; multi-round "
-        "strategies stop and return their best so far when it passes.",
+        description="Default wall-clock budget of one request (deadline_seconds may lower "
+        "it): every strategy stops, aborts its engine work and returns its best so far.",
     )
     shutdown_grace_seconds: float = Field(
-        30.0, ge=0, description="How long shutdown waits for requests in flight."
+        30.0,
+        ge=0,
+        description="How long shutdown drains (new requests get 503, /health 503) while "
+        "requests in flight finish; fractions allowed.",
     )
 
     prompt_overrides: Path | None = Field(
