@@ -19,6 +19,9 @@ from server.engine.vllm_engine import chunked_prefill_supported, resolve_dtype
 #: KV cache of every benchmarked server, in bytes (vLLM's and ttalign's flags both take it).
 KV_CACHE_BYTES = 1 << 30
 
+#: How much of a failed server's log its start-up error quotes.
+LOG_TAIL_LINES = 40
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -26,15 +29,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def log_tail(log_path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a server's log, for an error message ("" without one)."""
+    if log_path is None or not log_path.is_file():
+        return ""
+    tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- last {len(tail)} lines of {log_path} ---\n" + "\n".join(tail)
+
+
 def wait_healthy(
     base_url: str, process: subprocess.Popen, timeout: float = 600, log_path: Path | None = None
 ) -> None:
-    """Poll ``/health`` until it answers 200; fail fast if the process dies."""
+    """Poll ``/health`` until it answers 200; fail fast if the process dies.
+
+    Either failure quotes the end of the server's log, so it shows where the error is read.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(
-                f"server at {base_url} exited with {process.returncode}; see {log_path}"
+                f"server at {base_url} exited with {process.returncode}{log_tail(log_path)}"
             )
         try:
             if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
@@ -42,7 +56,7 @@ def wait_healthy(
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"server at {base_url} not healthy after {timeout} s")
+    raise TimeoutError(f"server at {base_url} not healthy after {timeout} s{log_tail(log_path)}")
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reward_clients.base import Message, RewardClientError, RewardTimeout, RewardUnavailable
 from reward_clients.batching import MicroBatcher
+from server.engine.base import EngineUnavailableError
 
 T = TypeVar("T")
 
@@ -153,7 +154,8 @@ class BackendReward(ABC):
                     continue
                 self._record(kind, started, len(items))
                 raise self._final_error(kind, exc, attempt + 1) from exc
-            except RewardClientError:
+            except (RewardClientError, EngineUnavailableError):
+                # A dead serving engine (under the judge) is the engine's 503, not the reward's.
                 self._record("error", started, len(items))
                 raise
             except Exception as exc:

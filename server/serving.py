@@ -274,7 +274,9 @@ class ChatCompletionService:
 
     def _alignment_request(self, request: ChatCompletionRequest) -> AlignmentRequest:
         s = self.settings
-        sampling = request_sampling(request, self._sampling_defaults(), s.default_max_tokens)
+        sampling = request_sampling(
+            request, self._sampling_defaults(), s.default_max_tokens, s.max_tokens_cap
+        )
         return AlignmentRequest(
             messages=tuple({"role": m.role, "content": m.text()} for m in request.messages),
             sampling=sampling,
@@ -450,7 +452,10 @@ class ChatCompletionService:
 
 
 def request_sampling(
-    request: ChatCompletionRequest, defaults: Mapping[str, Any], default_max_tokens: int
+    request: ChatCompletionRequest,
+    defaults: Mapping[str, Any],
+    default_max_tokens: int,
+    max_tokens_cap: int,
 ) -> SamplingSettings:
     """The request's sampling settings; fields it leaves unset take the model's defaults."""
 
@@ -462,7 +467,10 @@ def request_sampling(
         n=1,
         temperature=pick("temperature", DEFAULT_TEMPERATURE),
         top_p=pick("top_p", DEFAULT_TOP_P),
-        max_tokens=request.requested_max_tokens() or default_max_tokens,
+        # A model's own max_tokens default is used like --default-max-tokens: never
+        # beyond the cap a request may ask for.
+        max_tokens=request.requested_max_tokens()
+        or min(defaults.get("max_tokens") or default_max_tokens, max_tokens_cap),
         stop=request.stop_sequences(),
         seed=request.seed,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,

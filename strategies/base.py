@@ -311,6 +311,7 @@ class Strategy(ABC, Generic[ConfigT]):
         Cancelling the consumer cancels the search, which aborts its engine requests.
         """
         task = asyncio.ensure_future(self.run(ctx, config))
+        getter: asyncio.Future[ProgressEvent] | None = None
         try:
             while not task.done():
                 getter = asyncio.ensure_future(ctx.progress.get())
@@ -319,10 +320,14 @@ class Strategy(ABC, Generic[ConfigT]):
                     yield getter.result()
                 else:
                     getter.cancel()
+                getter = None
             while not ctx.progress.empty():
                 yield ctx.progress.get_nowait()
             yield ResultEvent(task.result())
         finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            # Also reached when the consumer is cancelled mid-wait: nothing may be left
+            # pending (a pending task is destroyed with an error log, or keeps the search).
+            pending = [t for t in (task, getter) if t is not None and not t.done()]
+            for future in pending:
+                future.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

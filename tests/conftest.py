@@ -14,7 +14,7 @@ from server.app import create_app
 from server.model_prep import prepare_embedded_model
 from server.settings import ServerSettings
 from tests.fakes import FakeEngine
-from tests.servers import RunningServer, serve_in_thread
+from tests.servers import RunningServer, serve_beside, serve_in_thread
 
 SHARED_EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
 
@@ -68,11 +68,13 @@ class BorrowedEngine:
 
 
 @pytest.fixture(scope="session")
-def serve_on_real_engine(real_engine):
+def serve_on_real_engine(real_server: RunningServer, real_engine):
     """Start more ttalign servers with their own settings over the session's one engine.
 
     ``with serve_on_real_engine(max_tokens_cap=16, api_key="k") as server:`` serves a new
-    app (real uvicorn, real engine, no second engine start) until the block exits.
+    app (real uvicorn, real engine, no second engine start) until the block exits. It runs
+    on the session server's event loop: vLLM's engine client is bound to one loop and is
+    not thread-safe.
     """
 
     @contextmanager
@@ -83,7 +85,7 @@ def serve_on_real_engine(real_engine):
             engine_factory=lambda _: BorrowedEngine(real_engine),
             **kwargs,
         )
-        with serve_in_thread(app) as running:
+        with serve_beside(real_server, app) as running:
             yield running
 
     return serve

@@ -47,6 +47,8 @@ class FakeEngine:
     calls: list[EngineCall] = field(default_factory=list)
     running: int = 0
     healthy: bool = True
+    #: The model's sampling defaults (``generation_config.json``); none unless a test sets them.
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)
 
     async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
@@ -103,6 +105,7 @@ class FakeEngine:
                     index=completion.index,
                     text=word if position == 0 else " " + word,
                     num_tokens=1,
+                    token_ids=(position,),
                     finish_reason=completion.finish_reason if last else None,
                     prompt_tokens=generation.prompt_tokens,
                 )

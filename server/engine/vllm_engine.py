@@ -48,7 +48,9 @@ SAMPLING_DEFAULT_KEYS = frozenset(
     }
 )
 
-#: The seeds vLLM accepts: a signed 64-bit integer (it fails a request with any other).
+#: Seeds passed to vLLM: signed 64-bit. vLLM fails a request whose seed is outside
+#: [-2**63, 2**64) with an internal error (its msgpack encoder overflows), and torch takes
+#: [2**63, 2**64) as the negative seeds' two's complement, so int64 covers every seed.
 SEED_RANGE = range(-(2**63), 2**63)
 
 
@@ -222,7 +224,8 @@ class VllmEngine:
         try:
             await self._llm.check_health()
         except Exception as exc:  # the engine reports its death as an exception
-            return EngineHealth(False, len(self._running), detail=str(exc) or type(exc).__name__)
+            detail = f"the vLLM engine has stopped: {str(exc) or type(exc).__name__}"
+            return EngineHealth(False, len(self._running), detail=detail)
         return EngineHealth(
             True,
             len(self._running),

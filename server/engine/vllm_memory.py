@@ -8,11 +8,10 @@ same numbers first, and explains a failed start in terms of the setting to chang
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from server.engine.base import EngineStartupError
 
 #: The setting that sizes the KV cache, as a flag and as an environment variable.
 KV_CACHE_SETTING = "--kv-cache-memory (TTALIGN_KV_CACHE_MEMORY)"
@@ -51,8 +50,6 @@ def check_kv_cache_fits(kv_cache_bytes: int | None, memory: NodeMemory | None) -
     """
     if kv_cache_bytes is None or memory is None or kv_cache_bytes <= memory.available:
         return
-    from server.engine.base import EngineStartupError
-
     raise EngineStartupError(
         f"The KV cache does not fit in memory: {KV_CACHE_SETTING} asks for "
         f"{format_bytes(kv_cache_bytes)}, but NUMA node {memory.node} has only "
@@ -104,12 +101,12 @@ def model_weight_bytes(model_path: str) -> int:
 
 def format_bytes(size: int) -> str:
     """``size`` in the largest binary unit that keeps it at least 1 (e.g. ``1.5 GiB``)."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    value, unit = float(size), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def suggested_kv_cache(available: int) -> str | None:
