@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from reward_clients.limits import MAX_CONSTRAINTS
+from server.engine.base import SEED_MAX, SEED_MIN
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,6 @@ MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS_ENTRIES = 300
 #: Longest candidate reply ``/v1/rewards/score`` accepts, in characters.
 MAX_CANDIDATE_CHARS = 65536
-#: Seeds are 64-bit signed integers, as in vLLM.
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 #: OpenAI request fields that would change the answer's meaning but are not served here.
 #: Sending one with a non-empty value is a 400 (``unsupported_parameter``), never ignored.

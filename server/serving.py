@@ -275,7 +275,11 @@ class ChatCompletionService:
     def _alignment_request(self, request: ChatCompletionRequest) -> AlignmentRequest:
         s = self.settings
         sampling = request_sampling(
-            request, self._sampling_defaults(), s.default_max_tokens, s.max_tokens_cap
+            # The engine applies --generation-config: under "vllm" it reports no defaults.
+            request,
+            self.engine.sampling_defaults,
+            s.default_max_tokens,
+            s.max_tokens_cap,
         )
         return AlignmentRequest(
             messages=tuple({"role": m.role, "content": m.text()} for m in request.messages),
@@ -288,12 +292,6 @@ class ChatCompletionService:
             max_tokens_cap=s.max_tokens_cap,
             budget=ComputeBudget(s.max_request_engine_tokens, s.max_request_candidates),
         )
-
-    def _sampling_defaults(self) -> Mapping[str, Any]:
-        # The model's generation_config (as vllm serve applies it), unless turned off.
-        if self.settings.generation_config != "auto":
-            return {}
-        return getattr(self.engine, "sampling_defaults", None) or {}
 
     # --- running ----------------------------------------------------------------------------
 

@@ -188,7 +188,8 @@ class StrategyContext:
     progress: asyncio.Queue[ProgressEvent] = field(default_factory=asyncio.Queue)
     #: Server-configured replacements for strategies' prompt templates, by template name.
     prompt_overrides: Mapping[str, str] = field(default_factory=dict)
-    #: Set once the deadline has cut an engine call short or stopped a step.
+    #: Set once the deadline has cut an engine call short or stopped a step. The server
+    #: reports such a request as ``stopped_early`` whatever its strategy returned.
     deadline_reached: bool = False
 
     def report(self, **data: Any) -> None:

@@ -93,7 +93,6 @@ class BestOfN(Strategy[BestOfNConfig]):
         return StrategyResult(
             choices=[candidate.choice() for candidate in chosen],
             candidates_scored=len(scored),
-            stopped_early=ctx.deadline_reached,
             trace=_trace(reward.name, scored, chosen, request.return_trace),
             prompt_tokens=generation.prompt_tokens,
         )

@@ -45,7 +45,6 @@ class PassThrough(Strategy[NoneConfig]):
                 ChoiceResult(c.text, c.finish_reason, c.num_tokens, logprobs=c.logprobs)
                 for c in generation.completions
             ],
-            stopped_early=ctx.deadline_reached,
             prompt_tokens=generation.prompt_tokens,
         )
 
@@ -60,7 +59,6 @@ class PassThrough(Strategy[NoneConfig]):
         choices = [_choice(collected[i]) for i in sorted(collected)]
         result = StrategyResult(
             choices=choices,
-            stopped_early=ctx.deadline_reached,
             prompt_tokens=prompt_tokens or len(prompt),
         )
         yield ResultEvent(result, streamed=True)

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from server.engine.base import (
+    SEED_MAX,
+    SEED_MIN,
     Completion,
     CompletionDelta,
     FinishReason,
@@ -25,16 +27,12 @@ from server.engine.base import (
 #: Returned by :func:`next_before` when the iterator is exhausted.
 END: Final = object()
 
-#: Seeds wrap around within the signed 64-bit range the engine accepts.
-_SEED_SPAN = 2**64
-_SEED_MIN = -(2**63)
-
 
 def offset_seed(seed: int | None, offset: int) -> int | None:
     """``seed + offset`` wrapped into int64, so per-step seeds never overflow the engine."""
     if seed is None:
         return None
-    return (seed + offset - _SEED_MIN) % _SEED_SPAN + _SEED_MIN
+    return (seed + offset - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
 
 
 async def next_before(iterator: AsyncIterator[Any], deadline: float | None) -> Any:

@@ -210,7 +210,8 @@ def test_sampling_defaults_follow_the_models_generation_config(
     generation_config: str, request_fields: dict, expected: dict
 ) -> None:
     engine = FakeEngine()
-    engine.sampling_defaults = {"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.1}
+    if generation_config == "auto":  # as the vLLM engine does: "vllm" means no model defaults
+        engine.sampling_defaults = {"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.1}
     app = create_app(
         fake_settings(generation_config=generation_config), engine_factory=lambda _: engine
     )

@@ -16,6 +16,9 @@ FinishReason = Literal["stop", "length", "abort"]
 #: A prompt is either rendered text or token ids (token ids skip a second tokenization).
 Prompt = str | list[int]
 
+#: Seeds are signed 64-bit integers, as in vLLM.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 @dataclass(frozen=True)
 class StructuredOutput:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.base import (
+    SEED_MAX,
+    SEED_MIN,
     Completion,
     CompletionDelta,
     EngineHealth,
@@ -51,7 +53,7 @@ SAMPLING_DEFAULT_KEYS = frozenset(
 #: Seeds passed to vLLM: signed 64-bit. vLLM fails a request whose seed is outside
 #: [-2**63, 2**64) with an internal error (its msgpack encoder overflows), and torch takes
 #: [2**63, 2**64) as the negative seeds' two's complement, so int64 covers every seed.
-SEED_RANGE = range(-(2**63), 2**63)
+SEED_RANGE = range(SEED_MIN, SEED_MAX + 1)
 
 
 class VllmEngine:
