@@ -56,15 +56,16 @@ def create_app(
 ) -> FastAPI:
     """The ttalign app. The factories exist so tests can inject fakes.
 
-    Raises :class:`~server.auth.ApiKeyConfigError` at once for an unusable API key file.
+    Raises :class:`~server.auth.ApiKeyConfigError` or
+    :class:`~reward_clients.config.RewardConfigError` at once for an unusable API key file
+    or reward config: a bad file fails before the engine spends half a minute starting.
     """
     api_keys = load_api_keys(settings)
+    if settings.reward_config is not None:
+        read_reward_config(settings.reward_config, settings.default_reward)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.reward_config is not None:
-            # A bad file must fail before the engine spends half a minute starting.
-            read_reward_config(settings.reward_config, settings.default_reward)
         async with AsyncExitStack() as cleanup:
             metrics = Metrics()
             engine = engine_factory(settings)

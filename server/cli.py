@@ -80,23 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_startup_files(settings: ServerSettings) -> None:
-    """Read the API key and reward config files, so a bad one fails before the engine starts."""
-    from reward_clients.config import read_reward_config
-    from server.auth import load_api_keys
-
-    load_api_keys(settings)
-    if settings.reward_config is not None:
-        read_reward_config(settings.reward_config, settings.default_reward)
-
-
 def serve(settings: ServerSettings) -> None:
     import uvicorn
 
     from server.app import create_app
     from server.shutdown import FLUSH_SECONDS, DrainingServer
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)  # reads the API key and reward config files
+    except ValueError as exc:  # ApiKeyConfigError, RewardConfigError
+        sys.exit(f"ttalign: {exc}")
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -135,10 +128,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         print(resolve_model_path(settings))
     else:
-        try:
-            check_startup_files(settings)
-        except ValueError as exc:  # ApiKeyConfigError, RewardConfigError
-            sys.exit(f"ttalign: {exc}")
         serve(settings)
 
 

@@ -230,18 +230,12 @@ async def test_health_is_503_while_draining() -> None:
 # --- start-up ---------------------------------------------------------------------------
 
 
-async def test_lifespan_checks_the_reward_config_before_starting_the_engine(
-    tmp_path: Path,
-) -> None:
+def test_the_app_checks_the_reward_config_before_starting_the_engine(tmp_path: Path) -> None:
     config = tmp_path / "rewards.json"
     config.write_text('{"clients": {"mix": {"type": "composite", "components": {"nope": 1}}}}')
     started: list[object] = []
-    app = create_app(
-        fake_settings(reward_config=config), engine_factory=lambda s: started.append(s)
-    )
     with pytest.raises(RewardConfigError, match="nope"):
-        async with app.router.lifespan_context(app):
-            pass
+        create_app(fake_settings(reward_config=config), engine_factory=lambda s: started.append(s))
     assert started == []
 
 
