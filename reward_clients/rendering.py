@@ -5,17 +5,19 @@ template, so the candidate goes in as the final assistant turn of that template.
 token ids are what the HTTP and local clients send, so both score the very same input.
 
 Loading a tokenizer and applying a chat template are CPU work (milliseconds per candidate),
-so the batch helpers run them in a worker thread, off the event loop.
+so :func:`render_batch` runs them in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from reward_clients.backend import ScoringItem
+
+Rendered = TypeVar("Rendered")
 
 
 @lru_cache(maxsize=8)
@@ -51,21 +53,15 @@ def render_text(tokenizer: Any, item: ScoringItem) -> str:
     )
 
 
-async def render_ids_batch(tokenizer_path: str, items: Sequence[ScoringItem]) -> list[list[int]]:
-    """:func:`render_ids` of every item with the tokenizer at ``tokenizer_path``, in a thread."""
+async def render_batch(
+    tokenizer_path: str,
+    items: Sequence[ScoringItem],
+    render: Callable[[Any, ScoringItem], Rendered],
+) -> list[Rendered]:
+    """``render`` (:func:`render_ids` or :func:`render_text`) of every item, in a thread."""
 
-    def render() -> list[list[int]]:
+    def render_all() -> list[Rendered]:
         tokenizer = load_tokenizer(tokenizer_path)
-        return [render_ids(tokenizer, item) for item in items]
+        return [render(tokenizer, item) for item in items]
 
-    return await asyncio.to_thread(render)
-
-
-async def render_text_batch(tokenizer_path: str, items: Sequence[ScoringItem]) -> list[str]:
-    """:func:`render_text` of every item with the tokenizer at ``tokenizer_path``, in a thread."""
-
-    def render() -> list[str]:
-        tokenizer = load_tokenizer(tokenizer_path)
-        return [render_text(tokenizer, item) for item in items]
-
-    return await asyncio.to_thread(render)
+    return await asyncio.to_thread(render_all)

@@ -14,7 +14,7 @@ from typing import Any
 from reward_clients.backend import BackendReward, BackendSettings, ScoringItem
 from reward_clients.base import RewardClientError
 from reward_clients.http import JsonHttp
-from reward_clients.rendering import render_text_batch
+from reward_clients.rendering import render_batch, render_text
 
 
 class TeiReward(BackendReward):
@@ -36,7 +36,7 @@ class TeiReward(BackendReward):
         self._http = JsonHttp(name, url)
 
     async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
-        inputs = [[text] for text in await render_text_batch(self._tokenizer_path, items)]
+        inputs = [[text] for text in await render_batch(self._tokenizer_path, items, render_text)]
         answer = await self._http.post(
             "/predict", {"inputs": inputs, "raw_scores": True, "truncate": True}
         )

@@ -17,7 +17,7 @@ from typing import Any
 from reward_clients.backend import BackendReward, BackendSettings, ScoringItem, gather_or_cancel
 from reward_clients.base import RewardClientError
 from reward_clients.http import JsonHttp
-from reward_clients.rendering import render_ids_batch
+from reward_clients.rendering import render_batch, render_ids
 
 
 class VllmPoolingReward(BackendReward):
@@ -51,7 +51,7 @@ class VllmPoolingReward(BackendReward):
                 )
             )
             return [self._label_score(a["data"][0]) for a in answers]
-        ids = await render_ids_batch(self._tokenizer_path, items)
+        ids = await render_batch(self._tokenizer_path, items, render_ids)
         answer = await self._classify({"input": ids})
         data = sorted(answer["data"], key=lambda d: d["index"])
         return [self._label_score(d) for d in data]
