@@ -2,10 +2,11 @@
 
 Examples (server on port 8011)::
 
-    python -m benchmarks.evaluate ifeval --base-url http://127.0.0.1:8011 --reward rules \\
+    python -m ttalign.benchmarks.evaluate ifeval --base-url http://127.0.0.1:8011 --reward rules \\
         --run none --run 'best_of_n:{"n":2}' --run 'best_of_n:{"n":4}' --run 'best_of_n:{"n":8}'
-    python -m benchmarks.evaluate xstest --base-url http://127.0.0.1:8011 --run none
-    python -m benchmarks.evaluate alpaca --score-reward judge --run none --run 'best_of_n:{"n":4}'
+    python -m ttalign.benchmarks.evaluate xstest --base-url http://127.0.0.1:8011 --run none
+    python -m ttalign.benchmarks.evaluate alpaca --score-reward judge \\
+        --run none --run 'best_of_n:{"n":4}'
 
 Each invocation writes ``NAME.json`` (settings, per-prompt outputs, metrics and cost),
 ``NAME.md`` (the runs side by side) and ``NAME.png`` under ``--output-dir``.
@@ -23,11 +24,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.quality.client import TtalignClient
-from benchmarks.quality.harness import EvalSettings, RunResult, evaluate_run
-from benchmarks.quality.report import metric_legend, write_result
-from benchmarks.quality.runs import RunSpec, RunSpecError, check_unique_labels, parse_run
-from benchmarks.quality.suites import Suite, suites
+from ttalign.benchmarks.quality.client import TtalignClient
+from ttalign.benchmarks.quality.harness import EvalSettings, RunResult, evaluate_run
+from ttalign.benchmarks.quality.report import metric_legend, write_result
+from ttalign.benchmarks.quality.runs import RunSpec, RunSpecError, check_unique_labels, parse_run
+from ttalign.benchmarks.quality.suites import Suite, suites
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "eval"
@@ -42,7 +43,7 @@ CONFIG_JSON is sent as strategy_config; @REWARD overrides --reward for this run"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.evaluate",
+        prog="python -m ttalign.benchmarks.evaluate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -4,7 +4,7 @@ Both servers run the same model with the same engine settings. ``vllm bench serv
 each in turn with the same random prompts and concurrency, alternating A/B for several
 rounds so drift on a shared machine hits both alike. Reports per-round and median ratios.
 
-    python -m benchmarks.overhead --concurrency 8 --rounds 3
+    python -m ttalign.benchmarks.overhead --concurrency 8 --rounds 3
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.processes import (
+from ttalign.benchmarks.processes import (
     KV_CACHE_BYTES,
     free_port,
     running_server,
     ttalign_server_command,
     vllm_server_command,
 )
-from server.model_prep import prepare_embedded_model
+from ttalign.server.model_prep import prepare_embedded_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 MODEL_NAME = "smollm2"
@@ -37,7 +37,7 @@ def bench_serve(
     command = [
         sys.executable,
         "-m",
-        "benchmarks.vllm_cli",
+        "ttalign.benchmarks.vllm_cli",
         "bench",
         "serve",
         "--backend",
@@ -148,7 +148,7 @@ def main() -> None:
 
     report = {
         "benchmark": "ttalign strategy=none vs plain vLLM OpenAI server (vllm bench serve)",
-        "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:]),
+        "command": "python -m ttalign.benchmarks.overhead " + " ".join(sys.argv[1:]),
         "settings": {
             k: getattr(args, k)
             for k in ("concurrency", "num_prompts", "input_len", "output_len", "rounds")

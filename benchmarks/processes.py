@@ -13,8 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-
-from server.engine.vllm_engine import chunked_prefill_supported, resolve_dtype
+from ttalign.engine.vllm_engine import chunked_prefill_supported, resolve_dtype
 
 #: KV cache of every benchmarked server, in bytes (vLLM's and ttalign's flags both take it).
 KV_CACHE_BYTES = 1 << 30
@@ -119,7 +118,7 @@ def vllm_server_command(model: str, port: int, *, name: str, eager: bool = True)
 def ttalign_server_command(model: str, port: int, *, name: str, eager: bool = True) -> list[str]:
     """ttalign on the same engine settings, with no admission limit in the way."""
     return [
-        sys.executable, "-m", "server.cli", "serve",
+        sys.executable, "-m", "ttalign.server.cli", "serve",
         *_engine_flags(model, port, name, eager, "--kv-cache-memory"),
         "--max-concurrent-requests", "1024", "--log-level", "warning",
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """Soak test: a mixed load for a fixed time, then proof that the server came through it.
 
-    python -m benchmarks.soak --minutes 10 --concurrency 16
+    python -m ttalign.benchmarks.soak --minutes 10 --concurrency 16
 
 Starts ttalign on the embedded model as a subprocess (or loads a running one with
 ``--url``) and keeps ``--concurrency`` clients busy for ``--minutes`` with every strategy
@@ -40,9 +40,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import psutil
-
-from benchmarks.processes import free_port, running_server, ttalign_server_command
-from server.model_prep import prepare_embedded_model
+from ttalign.benchmarks.processes import free_port, running_server, ttalign_server_command
+from ttalign.server.model_prep import prepare_embedded_model
 
 RESULTS_DIR = Path(__file__).parent / "results" / "soak"
 MODEL_NAME = "smollm2"
@@ -458,7 +457,7 @@ def summarize(
         "engine_idle_at_end": unfinished == 0 and health.get("requests_in_flight") == 0,
     }
     return {
-        "command": " ".join(["python -m benchmarks.soak", *sys.argv[1:]]),
+        "command": " ".join(["python -m ttalign.benchmarks.soak", *sys.argv[1:]]),
         "minutes": args.minutes,
         "concurrency": args.concurrency,
         "requests": sum(tally.statuses.values()),

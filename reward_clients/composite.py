@@ -31,10 +31,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from reward_clients.backend import RewardMetrics, gather_or_cancel
-from reward_clients.base import Message, RewardClient
-from reward_clients.normalization import Normalization, Scaler, normalize
-from reward_clients.registry import ConstraintAware
+from ttalign.reward_clients.backend import RewardMetrics, gather_or_cancel
+from ttalign.reward_clients.base import Message, RewardClient
+from ttalign.reward_clients.normalization import Normalization, Scaler, normalize
+from ttalign.reward_clients.registry import ConstraintAware
 
 __all__ = ["CompositeReward", "Normalization", "normalize"]
 

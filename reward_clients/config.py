@@ -54,17 +54,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from reward_clients import ifeval_checks
-from reward_clients.backend import BackendSettings
-from reward_clients.base import RewardClient
-from reward_clients.composite import CompositeReward
-from reward_clients.judge import DEFAULT_RUBRIC, JudgeReward
-from reward_clients.local_hf import TransformersReward
-from reward_clients.registry import RewardRegistry
-from reward_clients.rules import RuleVerifierReward
-from reward_clients.tei import TeiReward
-from reward_clients.vllm_pooling import VllmPoolingReward
+from ttalign.reward_clients import ifeval_checks
+from ttalign.reward_clients.backend import BackendSettings
+from ttalign.reward_clients.base import RewardClient
+from ttalign.reward_clients.composite import CompositeReward
+from ttalign.reward_clients.judge import DEFAULT_RUBRIC, JudgeReward
+from ttalign.reward_clients.local_hf import TransformersReward
+from ttalign.reward_clients.registry import RewardRegistry
+from ttalign.reward_clients.rules import RuleVerifierReward
+from ttalign.reward_clients.tei import TeiReward
+from ttalign.reward_clients.vllm_pooling import VllmPoolingReward
 
 BUILTIN_DEFAULT = "judge"
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-
-from reward_clients.backend import TransientBackendError
-from reward_clients.base import RewardClientError
+from ttalign.reward_clients.backend import TransientBackendError
+from ttalign.reward_clients.base import RewardClientError
 
 #: Statuses that mean "busy or restarting", which a retry may get past.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})

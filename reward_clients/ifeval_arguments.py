@@ -24,15 +24,14 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from reward_clients.limits import (
+from ttalign.reward_clients.limits import (
     MAX_IFEVAL_COUNT,
     MAX_IFEVAL_KWARGS,
     MAX_IFEVAL_TEXT_CHARS,
     MAX_KEYWORD_CHARS,
     MAX_KEYWORDS,
 )
-from reward_clients.linear_regex import PatternError, compile_pattern
+from ttalign.reward_clients.linear_regex import PatternError, compile_pattern
 
 #: Arguments that IFEval's checkers use as (parts of) regular expressions.
 PATTERN_ARGUMENTS = frozenset(

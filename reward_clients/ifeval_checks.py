@@ -35,8 +35,8 @@ from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
 
-from reward_clients import ifeval_arguments, linear_regex
-from reward_clients.ifeval_arguments import InvalidArgumentError
+from ttalign.reward_clients import ifeval_arguments, linear_regex
+from ttalign.reward_clients.ifeval_arguments import InvalidArgumentError
 
 __all__ = [
     "InvalidArgumentError",

@@ -12,7 +12,7 @@ If no rating token is among the top-k, the candidate cannot be scored and the ca
 engine batches them; when one fails, or the call is cancelled (every caller went away, see
 :mod:`reward_clients.batching`), the others are cancelled too, which aborts them in the engine.
 
-Backends: the serving engine itself (an :class:`~server.engine.base.EngineClient`), or a
+Backends: the serving engine itself (an :class:`~ttalign.engine.base.EngineClient`), or a
 remote OpenAI-compatible vLLM server (``/v1/chat/completions`` with
 ``continue_final_message``, a vLLM extension).
 """
@@ -23,9 +23,14 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from reward_clients.backend import BackendReward, BackendSettings, ScoringItem, gather_or_cancel
-from reward_clients.base import RewardClientError
-from reward_clients.http import JsonHttp
+from ttalign.reward_clients.backend import (
+    BackendReward,
+    BackendSettings,
+    ScoringItem,
+    gather_or_cancel,
+)
+from ttalign.reward_clients.base import RewardClientError
+from ttalign.reward_clients.http import JsonHttp
 
 DEFAULT_RUBRIC = (
     "Judge how well the reply serves the user: it should do what the user asked, "
@@ -132,7 +137,7 @@ class JudgeReward(BackendReward):
         return scores
 
     async def _rate_on_engine(self, messages: list[dict[str, str]]) -> list[tuple[str, float]]:
-        from server.engine.base import SamplingSettings
+        from ttalign.engine.base import SamplingSettings
 
         prompt = await self.engine.render_chat(messages, continue_final_message=True)
         sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS)

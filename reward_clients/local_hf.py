@@ -13,8 +13,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from reward_clients.backend import BackendReward, BackendSettings, ScoringItem
-from reward_clients.rendering import load_tokenizer, render_ids
+from ttalign.reward_clients.backend import BackendReward, BackendSettings, ScoringItem
+from ttalign.reward_clients.rendering import load_tokenizer, render_ids
 
 
 class TransformersReward(BackendReward):

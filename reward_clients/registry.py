@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
-from reward_clients.base import RewardClient
+from pydantic import AfterValidator
+from ttalign.reward_clients.base import RewardClient
+
+
+def _reward_name(reward: str | None) -> str | None:
+    # Reward clients are defined only in server configuration; anything URL-like is
+    # refused so that no request can point the server at an address.
+    if reward is not None and any(mark in reward for mark in ("://", "/", ":")):
+        raise ValueError(
+            "reward must be the name of a reward client configured on the server, "
+            "not a URL or address"
+        )
+    return reward
+
+
+#: The name of a configured reward client, as a request may give it (never an address).
+RewardName = Annotated[str | None, AfterValidator(_reward_name)]
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from reward_clients.backend import ScoringItem
+from ttalign.reward_clients.backend import ScoringItem
 
 Rendered = TypeVar("Rendered")
 

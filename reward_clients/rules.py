@@ -57,18 +57,17 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-
-from reward_clients import ifeval_checks
-from reward_clients.backend import RewardMetrics
-from reward_clients.base import Message
-from reward_clients.limits import (
+from ttalign.reward_clients import ifeval_checks
+from ttalign.reward_clients.backend import RewardMetrics
+from ttalign.reward_clients.base import Message
+from ttalign.reward_clients.limits import (
     MAX_CONSTRAINTS,
     MAX_INSTRUCTION_ID_CHARS,
     MAX_KEYWORD_CHARS,
     MAX_KEYWORDS,
     MAX_PATTERN_CHARS,
 )
-from reward_clients.linear_regex import PatternError, compile_pattern, well_formed
+from ttalign.reward_clients.linear_regex import PatternError, compile_pattern, well_formed
 
 _JSON_FENCE = compile_pattern(r"(?s)^\s*```(?:json)?\s*\n(.*?)\n?```\s*$")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from reward_clients.backend import BackendReward, BackendSettings, ScoringItem
-from reward_clients.base import RewardClientError
-from reward_clients.http import JsonHttp
-from reward_clients.rendering import render_batch, render_text
+from ttalign.reward_clients.backend import BackendReward, BackendSettings, ScoringItem
+from ttalign.reward_clients.base import RewardClientError
+from ttalign.reward_clients.http import JsonHttp
+from ttalign.reward_clients.rendering import render_batch, render_text
 
 
 class TeiReward(BackendReward):

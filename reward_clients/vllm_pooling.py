@@ -14,10 +14,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from reward_clients.backend import BackendReward, BackendSettings, ScoringItem, gather_or_cancel
-from reward_clients.base import RewardClientError
-from reward_clients.http import JsonHttp
-from reward_clients.rendering import render_batch, render_ids
+from ttalign.reward_clients.backend import (
+    BackendReward,
+    BackendSettings,
+    ScoringItem,
+    gather_or_cancel,
+)
+from ttalign.reward_clients.base import RewardClientError
+from ttalign.reward_clients.http import JsonHttp
+from ttalign.reward_clients.rendering import render_batch, render_ids
 
 
 class VllmPoolingReward(BackendReward):

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from server.errors import RateLimitError, ServiceUnavailableError
+from ttalign.server.errors import RateLimitError, ServiceUnavailableError
 
 
 class Admission:

@@ -11,26 +11,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from reward_clients.config import load_reward_registry, read_reward_config
-from reward_clients.registry import RewardRegistry
-from server.admission import Admission
-from server.auth import ApiKeyMiddleware, load_api_keys
-from server.body_limit import BodyLimitMiddleware
-from server.disconnect import ClientDisconnected, cancel_on_disconnect
-from server.engine.base import EngineClient
-from server.engine.factory import build_engine, warm_up
-from server.error_boundary import ErrorBoundaryMiddleware
-from server.errors import APIError, error_body, error_response, status_phrase
-from server.health import health_report
-from server.keepalive import with_keepalive
-from server.metrics import Metrics
-from server.openapi import install_openapi
-from server.responses import sse
-from server.scoring import ScoreService
-from server.serving import ChatCompletionService, PreparedRequest, parse_request
-from server.settings import ServerSettings
-from strategies import all_strategies
+from ttalign.engine.base import EngineClient
+from ttalign.reward_clients.config import load_reward_registry, read_reward_config
+from ttalign.reward_clients.registry import RewardRegistry
+from ttalign.server.admission import Admission
+from ttalign.server.auth import ApiKeyMiddleware, load_api_keys
+from ttalign.server.body_limit import BodyLimitMiddleware
+from ttalign.server.disconnect import ClientDisconnected, cancel_on_disconnect
+from ttalign.server.engine_factory import build_engine, warm_up
+from ttalign.server.error_boundary import ErrorBoundaryMiddleware
+from ttalign.server.errors import APIError, error_body, error_response, status_phrase
+from ttalign.server.health import health_report
+from ttalign.server.keepalive import with_keepalive
+from ttalign.server.metrics import Metrics
+from ttalign.server.openapi import install_openapi
+from ttalign.server.responses import sse
+from ttalign.server.scoring import ScoreService
+from ttalign.server.serving import ChatCompletionService, PreparedRequest, parse_request
+from ttalign.server.settings import ServerSettings
+from ttalign.strategies import all_strategies
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from server.errors import APIError, error_response
-from server.settings import ServerSettings
+from ttalign.server.errors import APIError, error_response
+from ttalign.server.settings import ServerSettings
 
 PROTECTED_PREFIX = "/v1"
 OPERATIONS_PATHS = frozenset({"/health", "/metrics"})

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from server.errors import APIError, error_response
+from ttalign.server.errors import APIError, error_response
 
 
 class RequestTooLargeError(APIError):

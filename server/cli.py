@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
-
-from server.settings import ServerSettings
+from ttalign.server.settings import ServerSettings
 
 ENV_PREFIX = "TTALIGN_"
 #: uvicorn's exit status when the app fails to start.
@@ -82,9 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(settings: ServerSettings) -> None:
     import uvicorn
-
-    from server.app import create_app
-    from server.shutdown import FLUSH_SECONDS, DrainingServer
+    from ttalign.server.app import create_app
+    from ttalign.server.shutdown import FLUSH_SECONDS, DrainingServer
 
     try:
         app = create_app(settings)  # reads the API key and reward config files
@@ -124,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "prepare-model":
-        from server.engine.factory import resolve_model_path
+        from ttalign.server.engine_factory import resolve_model_path
 
         print(resolve_model_path(settings))
     else:

@@ -13,9 +13,8 @@ import logging
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from server.disconnect import ClientDisconnected
-from server.errors import error_response
+from ttalign.server.disconnect import ClientDisconnected
+from ttalign.server.errors import error_response
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-
-from reward_clients.base import RewardClientError, RewardTimeout, RewardUnavailable
-from reward_clients.registry import UnknownRewardError
-from reward_clients.rules import InvalidConstraintsError
-from server.engine.base import EngineUnavailableError
-from strategies.errors import InvalidStrategyRequest
+from ttalign.engine.base import EngineUnavailableError
+from ttalign.reward_clients.base import RewardClientError, RewardTimeout, RewardUnavailable
+from ttalign.reward_clients.registry import UnknownRewardError
+from ttalign.reward_clients.rules import InvalidConstraintsError
+from ttalign.strategies.errors import InvalidStrategyRequest
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import asyncio
 import logging
 from typing import Any
 
-from server.admission import Admission
-from server.engine.base import EngineClient, EngineHealth
+from ttalign.engine.base import EngineClient, EngineHealth
+from ttalign.server.admission import Admission
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
-from server.settings import DEFAULT_CACHE_DIR, EMBEDDED_MODEL_NAME
+from ttalign.server.settings import DEFAULT_CACHE_DIR, EMBEDDED_MODEL_NAME
 
 logger = logging.getLogger(__name__)
 

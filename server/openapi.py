@@ -16,8 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
-
-from server.protocol import ChatCompletionRequest, ScoreRequest
+from ttalign.server.protocol import ChatCompletionRequest, ScoreRequest
 
 #: Where pydantic's ``$defs`` go in an OpenAPI document.
 REF_TEMPLATE = "#/components/schemas/{model}"

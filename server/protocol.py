@@ -6,16 +6,15 @@ import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
-
-from reward_clients.limits import MAX_CONSTRAINTS
-from server.engine.base import SEED_MAX, SEED_MIN
+from ttalign.engine.base import SEED_MAX, SEED_MIN
+from ttalign.reward_clients.limits import MAX_CONSTRAINTS
+from ttalign.reward_clients.registry import RewardName
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +36,6 @@ UNSUPPORTED_FIELDS = {
     "prediction": "predicted outputs",
     "web_search_options": "web search",
 }
-
-
-def _reward_name(reward: str | None) -> str | None:
-    # Reward clients are defined only in server configuration; anything URL-like is
-    # refused so that no request can point the server at an address.
-    if reward is not None and any(mark in reward for mark in ("://", "/", ":")):
-        raise ValueError(
-            "reward must be the name of a reward client configured on the server, "
-            "not a URL or address"
-        )
-    return reward
-
-
-RewardName = Annotated[str | None, AfterValidator(_reward_name)]
 
 
 class OpenAIBaseModel(BaseModel):

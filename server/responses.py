@@ -11,8 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.base import TokenLogprob
-from strategies.base import ChoiceResult
+from ttalign.engine.base import TokenLogprob
+from ttalign.strategies.base import ChoiceResult
 
 DONE_FRAME = "data: [DONE]\n\n"
 

@@ -11,15 +11,14 @@ import time
 from typing import Any
 
 from starlette.requests import Request
-
-from reward_clients.base import RewardClient
-from reward_clients.registry import RewardRegistry
-from server.admission import Admission
-from server.disconnect import ClientDisconnected, cancel_on_disconnect
-from server.errors import APIError, InvalidRequestError, to_api_error
-from server.metrics import SCORE_ROUTE_LABEL, Metrics
-from server.protocol import ScoreRequest
-from server.serving import CLIENT_CLOSED_REQUEST, parse_body
+from ttalign.reward_clients.base import RewardClient
+from ttalign.reward_clients.registry import RewardRegistry
+from ttalign.server.admission import Admission
+from ttalign.server.disconnect import ClientDisconnected, cancel_on_disconnect
+from ttalign.server.errors import APIError, InvalidRequestError, to_api_error
+from ttalign.server.metrics import SCORE_ROUTE_LABEL, Metrics
+from ttalign.server.protocol import ScoreRequest
+from ttalign.server.serving import CLIENT_CLOSED_REQUEST, parse_body
 
 
 class ScoreService:

@@ -14,28 +14,27 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-
-from reward_clients.registry import RewardRegistry, UnknownRewardError
-from server.engine.base import (
+from ttalign.engine.base import (
     EngineClient,
     EngineRequestError,
     SamplingSettings,
     StructuredOutput,
 )
-from server.engine.metering import MeteredEngine
-from server.errors import (
+from ttalign.engine.metering import MeteredEngine
+from ttalign.reward_clients.registry import RewardRegistry, UnknownRewardError
+from ttalign.server.errors import (
     APIError,
     InvalidRequestError,
     ModelNotFoundError,
     to_api_error,
     validation_error,
 )
-from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, ResponseFormat
-from server.responses import DONE_FRAME, ResponseHeader, delta_choice, sse, usage
-from server.settings import ServerSettings
-from strategies import get_strategy, strategy_names
-from strategies.base import (
+from ttalign.server.metrics import Metrics
+from ttalign.server.protocol import ChatCompletionRequest, ResponseFormat
+from ttalign.server.responses import DONE_FRAME, ResponseHeader, delta_choice, sse, usage
+from ttalign.server.settings import ServerSettings
+from ttalign.strategies import get_strategy, strategy_names
+from ttalign.strategies.base import (
     AlignmentRequest,
     DeltaEvent,
     ProgressEvent,
@@ -45,8 +44,8 @@ from strategies.base import (
     StrategyContext,
     StrategyResult,
 )
-from strategies.budget import ComputeBudget
-from strategies.errors import InvalidStrategyRequest
+from ttalign.strategies.budget import ComputeBudget
+from ttalign.strategies.errors import InvalidStrategyRequest
 
 logger = logging.getLogger(__name__)
 

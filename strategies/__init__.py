@@ -3,12 +3,12 @@
 Importing this package registers the built-in strategies and any installed plugins.
 """
 
-from strategies import (
+from ttalign.strategies import (
     best_of_n,  # noqa: F401
     none,  # noqa: F401  (registers itself)
     tpo,  # noqa: F401
 )
-from strategies.base import (
+from ttalign.strategies.base import (
     AlignmentRequest,
     ChoiceResult,
     Strategy,
@@ -16,7 +16,7 @@ from strategies.base import (
     StrategyContext,
     StrategyResult,
 )
-from strategies.registry import (
+from ttalign.strategies.registry import (
     all_strategies,
     get_strategy,
     load_plugins,

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
-
-from server.engine.base import (
+from ttalign.engine.base import (
     CompletionDelta,
     FinishReason,
     Generation,
@@ -28,10 +27,10 @@ from server.engine.base import (
     SamplingSettings,
     TokenLogprob,
 )
-from server.engine.metering import MeteredEngine
-from strategies.budget import ComputeBudget
-from strategies.errors import DeadlineReached, InvalidStrategyRequest
-from strategies.sampling import END, generate_until, next_before
+from ttalign.engine.metering import MeteredEngine
+from ttalign.strategies.budget import ComputeBudget
+from ttalign.strategies.errors import DeadlineReached, InvalidStrategyRequest
+from ttalign.strategies.sampling import END, generate_until, next_before
 
 #: How long scoring may run past the deadline, so that cut-short candidates can be ranked.
 SCORING_GRACE_SECONDS = 0.5

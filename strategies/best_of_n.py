@@ -12,18 +12,17 @@ from dataclasses import replace
 from typing import Any
 
 from pydantic import Field
-
-from server.protocol import RewardName
-from strategies.base import (
+from ttalign.reward_clients.registry import RewardName
+from ttalign.strategies.base import (
     AlignmentRequest,
     Strategy,
     StrategyConfig,
     StrategyContext,
     StrategyResult,
 )
-from strategies.errors import DeadlineReached, InvalidStrategyRequest
-from strategies.registry import register_strategy
-from strategies.selection import (
+from ttalign.strategies.errors import DeadlineReached, InvalidStrategyRequest
+from ttalign.strategies.registry import register_strategy
+from ttalign.strategies.selection import (
     ScoredCandidate,
     check_candidate_cap,
     score_completions,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from strategies.errors import BudgetExhausted, InvalidStrategyRequest
+from ttalign.strategies.errors import BudgetExhausted, InvalidStrategyRequest
 
 
 class Usage(Protocol):

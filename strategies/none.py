@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from server.engine.base import SamplingSettings
-from strategies.base import (
+from ttalign.engine.base import SamplingSettings
+from ttalign.strategies.base import (
     AlignmentRequest,
     ChoiceResult,
     DeltaEvent,
@@ -17,8 +17,8 @@ from strategies.base import (
     StrategyResult,
     StreamEvent,
 )
-from strategies.registry import register_strategy
-from strategies.sampling import PartialCompletion
+from ttalign.strategies.registry import register_strategy
+from ttalign.strategies.sampling import PartialCompletion
 
 
 class NoneConfig(StrategyConfig):

@@ -11,7 +11,7 @@ import logging
 from importlib.metadata import entry_points
 from typing import Any
 
-from strategies.base import Strategy
+from ttalign.strategies.base import Strategy
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from server.engine.base import (
+from ttalign.engine.base import (
     SEED_MAX,
     SEED_MIN,
     Completion,

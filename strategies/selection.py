@@ -11,10 +11,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reward_clients.base import RewardClientError
-from server.engine.base import Completion, FinishReason, TokenLogprob
-from strategies.base import AlignmentRequest, ChoiceResult, StrategyContext
-from strategies.errors import InvalidStrategyRequest
+from ttalign.engine.base import Completion, FinishReason, TokenLogprob
+from ttalign.reward_clients.base import RewardClientError
+from ttalign.strategies.base import AlignmentRequest, ChoiceResult, StrategyContext
+from ttalign.strategies.errors import InvalidStrategyRequest
 
 
 @dataclass(frozen=True)

@@ -45,21 +45,20 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from reward_clients.base import RewardClientError
-from server.engine.base import Completion, EngineRequestError, SamplingSettings
-from server.protocol import RewardName
-from strategies.base import (
+from ttalign.engine.base import Completion, EngineRequestError, SamplingSettings
+from ttalign.reward_clients.base import RewardClientError
+from ttalign.reward_clients.registry import RewardName
+from ttalign.strategies.base import (
     AlignmentRequest,
     Strategy,
     StrategyConfig,
     StrategyContext,
     StrategyResult,
 )
-from strategies.errors import BudgetExhausted, DeadlineReached
-from strategies.registry import register_strategy
-from strategies.sampling import offset_seed
-from strategies.selection import (
+from ttalign.strategies.errors import BudgetExhausted, DeadlineReached
+from ttalign.strategies.registry import register_strategy
+from ttalign.strategies.sampling import offset_seed
+from ttalign.strategies.selection import (
     ScoredCandidate,
     best,
     check_candidate_cap,
@@ -69,7 +68,7 @@ from strategies.selection import (
     unscored,
     worst,
 )
-from strategies.tpo_prompts import Message, TPOPrompts, render_query
+from ttalign.strategies.tpo_prompts import Message, TPOPrompts, render_query
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from ttalign.benchmarks.processes import free_port, running_server
+from ttalign.server.app import create_app
+from ttalign.server.model_prep import prepare_embedded_model
+from ttalign.server.settings import ServerSettings
 
-from benchmarks.processes import free_port, running_server
-from server.app import create_app
-from server.model_prep import prepare_embedded_model
-from server.settings import ServerSettings
 from tests.fakes import FakeEngine
 from tests.servers import RunningServer, serve_beside, serve_in_thread
 

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from server.engine.base import (
+from ttalign.engine.base import (
     Completion,
     CompletionDelta,
     EngineHealth,
@@ -37,7 +37,7 @@ class EngineCall:
 
 @dataclass
 class FakeEngine:
-    """An :class:`~server.engine.base.EngineClient` driven by a script."""
+    """An :class:`~ttalign.engine.base.EngineClient` driven by a script."""
 
     script: Script = echo_script
     model_name: str = "fake-model"

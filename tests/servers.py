@@ -13,8 +13,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI
-
-from benchmarks.processes import free_port
+from ttalign.benchmarks.processes import free_port
 
 T = TypeVar("T")
 

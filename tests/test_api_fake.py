@@ -8,16 +8,16 @@ import threading
 import httpx
 import openai
 import pytest
-
-from server.app import create_app
-from strategies.base import (
+from ttalign.server.app import create_app
+from ttalign.strategies.base import (
     ChoiceResult,
     Strategy,
     StrategyConfig,
     StrategyContext,
     StrategyResult,
 )
-from strategies.registry import _REGISTRY, register_strategy
+from ttalign.strategies.registry import _REGISTRY, register_strategy
+
 from tests.conftest import fake_settings
 from tests.fakes import FakeEngine
 from tests.servers import RunningServer, serve_in_thread

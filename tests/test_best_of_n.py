@@ -7,16 +7,16 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from ttalign.engine.base import SamplingSettings
+from ttalign.engine.metering import MeteredEngine
+from ttalign.reward_clients.registry import RewardRegistry
+from ttalign.server.app import create_app
+from ttalign.server.metrics import Metrics
+from ttalign.strategies.base import AlignmentRequest, RewardResolver, StrategyContext
+from ttalign.strategies.best_of_n import BestOfN, BestOfNConfig
+from ttalign.strategies.errors import InvalidStrategyRequest
+from ttalign.strategies.selection import ScoredCandidate, top_distinct
 
-from reward_clients.registry import RewardRegistry
-from server.app import create_app
-from server.engine.base import SamplingSettings
-from server.engine.metering import MeteredEngine
-from server.metrics import Metrics
-from strategies.base import AlignmentRequest, RewardResolver, StrategyContext
-from strategies.best_of_n import BestOfN, BestOfNConfig
-from strategies.errors import InvalidStrategyRequest
-from strategies.selection import ScoredCandidate, top_distinct
 from tests.conftest import fake_settings
 from tests.fakes import FakeEngine, FakeReward
 from tests.servers import RunningServer, serve_in_thread

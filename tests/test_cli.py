@@ -6,14 +6,13 @@ import subprocess
 import sys
 
 import pytest
-
-from server.cli import build_parser, settings_from_args
-from server.settings import ServerSettings
+from ttalign.server.cli import build_parser, settings_from_args
+from ttalign.server.settings import ServerSettings
 
 
 def test_help_documents_every_setting() -> None:
     help_text = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--help"],
+        [sys.executable, "-m", "ttalign.server.cli", "serve", "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -35,7 +34,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_invalid_setting_exits_with_a_message() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--max-n", "0"],
+        [sys.executable, "-m", "ttalign.server.cli", "serve", "--max-n", "0"],
         capture_output=True,
         text=True,
     )

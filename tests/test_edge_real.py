@@ -21,10 +21,10 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
+from ttalign.reward_clients.registry import RewardRegistry
+from ttalign.reward_clients.rules import RuleVerifierReward
+from ttalign.server.metrics import SCORE_ROUTE_LABEL
 
-from reward_clients.registry import RewardRegistry
-from reward_clients.rules import RuleVerifierReward
-from server.metrics import SCORE_ROUTE_LABEL
 from tests.servers import RunningServer
 
 pytestmark = pytest.mark.real_engine
@@ -320,7 +320,7 @@ def test_health_and_metrics_can_require_the_key(serve_on_real_engine) -> None:
 def test_invalid_settings_exit_does_not_print_the_key(tmp_path: Path) -> None:
     secret = "sk-never-print-me-5e1b"
     bad_settings = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--api-key", secret, "--max-n", "0"],
+        [sys.executable, "-m", "ttalign.server.cli", "serve", "--api-key", secret, "--max-n", "0"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -330,7 +330,7 @@ def test_invalid_settings_exit_does_not_print_the_key(tmp_path: Path) -> None:
 
     missing = tmp_path / "no-such-file"
     no_file = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--api-key-file", str(missing)],
+        [sys.executable, "-m", "ttalign.server.cli", "serve", "--api-key-file", str(missing)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -557,7 +557,7 @@ def test_bad_reward_config_fails_before_the_engine_starts(
     config.write_text(content)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--reward-config", str(config)],
+        [sys.executable, "-m", "ttalign.server.cli", "serve", "--reward-config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import uvicorn
 from pydantic import ValidationError
+from ttalign.reward_clients.config import RewardConfigError
+from ttalign.server.admission import Admission
+from ttalign.server.app import create_app
+from ttalign.server.auth import ApiKeyConfigError, ApiKeyMiddleware, load_api_keys
+from ttalign.server.cli import describe_invalid_settings
+from ttalign.server.health import health_report
+from ttalign.server.keepalive import with_keepalive
+from ttalign.server.settings import ServerSettings
+from ttalign.server.shutdown import DrainingServer
 
-from reward_clients.config import RewardConfigError
-from server.admission import Admission
-from server.app import create_app
-from server.auth import ApiKeyConfigError, ApiKeyMiddleware, load_api_keys
-from server.cli import describe_invalid_settings
-from server.health import health_report
-from server.keepalive import with_keepalive
-from server.settings import ServerSettings
-from server.shutdown import DrainingServer
 from tests.conftest import fake_settings
 from tests.fakes import FakeEngine
 
@@ -191,7 +191,7 @@ def test_settings_repr_and_errors_hide_the_key() -> None:
 
 def test_help_shows_no_key_from_the_environment() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--help"],
+        [sys.executable, "-m", "ttalign.server.cli", "serve", "--help"],
         capture_output=True,
         text=True,
         env={"TTALIGN_API_KEY": "sk-env-secret", "PATH": ""},

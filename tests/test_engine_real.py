@@ -22,17 +22,17 @@ import openai
 import psutil
 import pytest
 from openai.types.chat import ChatCompletion
-
-from benchmarks.processes import free_port, running_server
-from server.app import create_app
-from server.engine.base import (
+from ttalign.benchmarks.processes import free_port, running_server
+from ttalign.engine.base import (
     EngineRequestError,
     EngineStartupError,
     SamplingSettings,
     StructuredOutput,
 )
-from server.engine.vllm_engine import VllmEngine, model_sampling_defaults
-from server.model_prep import prepare_embedded_model
+from ttalign.engine.vllm_engine import VllmEngine, model_sampling_defaults
+from ttalign.server.app import create_app
+from ttalign.server.model_prep import prepare_embedded_model
+
 from tests.conftest import BorrowedEngine, real_engine_settings
 from tests.servers import RunningServer, serve_beside
 
@@ -89,7 +89,8 @@ def test_an_impossible_kv_cache_fails_at_once_naming_the_setting() -> None:
 
 def test_ttalign_serve_reports_an_impossible_kv_cache(tmp_path: Path) -> None:
     command = [
-        sys.executable, "-m", "server.cli", "serve", "--model", str(prepare_embedded_model()),
+        sys.executable, "-m", "ttalign.server.cli", "serve",
+        "--model", str(prepare_embedded_model()),
         "--served-model-name", MODEL, "--enforce-eager", "--kv-cache-memory", "64TiB",
         "--no-warmup", "--port", str(free_port()),
     ]  # fmt: skip
@@ -122,7 +123,7 @@ def disposable_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     template.write_text(STRICT_TEMPLATE)
     port = free_port()
     command = [
-        sys.executable, "-m", "server.cli", "serve",
+        sys.executable, "-m", "ttalign.server.cli", "serve",
         "--model", str(model_with_defaults(folder / "model")), "--served-model-name", MODEL,
         "--enforce-eager", "--kv-cache-memory", "256MiB", "--no-warmup", "--port", str(port),
         "--chat-template", str(template), "--log-level", "warning",

@@ -16,10 +16,8 @@ from typing import Any
 import httpx
 import pytest
 from jinja2 import TemplateError
-
-from benchmarks.processes import free_port, running_server
-from server.app import create_app
-from server.engine.base import (
+from ttalign.benchmarks.processes import free_port, running_server
+from ttalign.engine.base import (
     CompletionDelta,
     EngineRequestError,
     EngineStartupError,
@@ -27,17 +25,19 @@ from server.engine.base import (
     SamplingSettings,
     StructuredOutput,
 )
-from server.engine.metering import MeteredEngine
-from server.engine.vllm_engine import VllmEngine, load_chat_template
-from server.engine.vllm_errors import request_error, unavailable_error
-from server.engine.vllm_memory import (
+from ttalign.engine.metering import MeteredEngine
+from ttalign.engine.vllm_engine import VllmEngine, load_chat_template
+from ttalign.engine.vllm_errors import request_error, unavailable_error
+from ttalign.engine.vllm_memory import (
     NodeMemory,
     check_kv_cache_fits,
     format_bytes,
     start_failure_message,
     suggested_kv_cache,
 )
-from server.errors import to_api_error
+from ttalign.server.app import create_app
+from ttalign.server.errors import to_api_error
+
 from tests.conftest import fake_settings
 from tests.fakes import FakeEngine
 from tests.servers import serve_beside, serve_in_thread
@@ -322,9 +322,8 @@ def test_a_failed_start_is_explained_by_memory_when_memory_explains_it(tmp_path:
 def test_vllm_start_failures_become_startup_errors(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    import ttalign.engine.vllm_engine as vllm_engine
     from vllm.v1.engine.async_llm import AsyncLLM
-
-    import server.engine.vllm_engine as vllm_engine
 
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("Engine core initialization failed. See root cause above.")

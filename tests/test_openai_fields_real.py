@@ -8,8 +8,8 @@ from functools import cache
 
 import openai
 import pytest
+from ttalign.server.model_prep import prepare_embedded_model
 
-from server.model_prep import prepare_embedded_model
 from tests.servers import RunningServer
 
 pytestmark = pytest.mark.real_engine

@@ -5,10 +5,10 @@ from __future__ import annotations
 import httpx
 import schemathesis
 from openapi_spec_validator import validate as validate_openapi
+from ttalign.server.app import create_app
+from ttalign.server.openapi import ErrorResponse
+from ttalign.server.protocol import ChatCompletionRequest, ScoreRequest
 
-from server.app import create_app
-from server.openapi import ErrorResponse
-from server.protocol import ChatCompletionRequest, ScoreRequest
 from tests.conftest import fake_settings
 from tests.servers import RunningServer
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from ttalign.benchmarks import evaluate
+from ttalign.benchmarks.quality.harness import run_cost
+from ttalign.benchmarks.quality.ifeval import IFEval, ifeval_metrics
+from ttalign.benchmarks.quality.refusal import classify_refusal, is_refusal
+from ttalign.benchmarks.quality.report import format_value, markdown_table
+from ttalign.benchmarks.quality.runs import RunSpec, RunSpecError, check_unique_labels, parse_run
+from ttalign.benchmarks.quality.suites import Item
+from ttalign.benchmarks.quality.xstest import xstest_metrics
 
-from benchmarks import evaluate
-from benchmarks.quality.harness import run_cost
-from benchmarks.quality.ifeval import IFEval, ifeval_metrics
-from benchmarks.quality.refusal import classify_refusal, is_refusal
-from benchmarks.quality.report import format_value, markdown_table
-from benchmarks.quality.runs import RunSpec, RunSpecError, check_unique_labels, parse_run
-from benchmarks.quality.suites import Item
-from benchmarks.quality.xstest import xstest_metrics
 from tests.conftest import SHARED_EVAL
 from tests.servers import RunningServer
 

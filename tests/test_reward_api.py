@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from ttalign.reward_clients.config import RewardConfigError, load_reward_registry
+from ttalign.reward_clients.tei import TeiReward
+from ttalign.server.app import create_app
 
-from reward_clients.config import RewardConfigError, load_reward_registry
-from reward_clients.tei import TeiReward
-from server.app import create_app
 from tests.conftest import fake_settings
 from tests.fakes import FakeEngine
 from tests.servers import RunningServer, free_port, serve_in_thread
@@ -48,7 +48,7 @@ def slow_stub() -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir() -> str:
-    from server.model_prep import prepare_embedded_model
+    from ttalign.server.model_prep import prepare_embedded_model
 
     return str(prepare_embedded_model())
 
@@ -216,7 +216,7 @@ def test_yaml_config_and_its_errors(tmp_path: Path) -> None:
 
 
 async def test_tei_multi_label_needs_a_configured_label(stub: RunningServer) -> None:
-    from server.model_prep import prepare_embedded_model
+    from ttalign.server.model_prep import prepare_embedded_model
 
     client = TeiReward(
         "tei", url=stub.base_url, tokenizer=str(prepare_embedded_model()), label="LABEL_1"

@@ -7,17 +7,17 @@ import math
 from collections.abc import Sequence
 
 import pytest
-
-from reward_clients.backend import (
+from ttalign.reward_clients.backend import (
     BackendReward,
     BackendSettings,
     ScoringItem,
     TransientBackendError,
 )
-from reward_clients.base import RewardClientError, RewardTimeout, RewardUnavailable
-from reward_clients.composite import CompositeReward, normalize
-from reward_clients.rules import InvalidConstraintsError, RuleVerifierReward
-from server.metrics import Metrics
+from ttalign.reward_clients.base import RewardClientError, RewardTimeout, RewardUnavailable
+from ttalign.reward_clients.composite import CompositeReward, normalize
+from ttalign.reward_clients.rules import InvalidConstraintsError, RuleVerifierReward
+from ttalign.server.metrics import Metrics
+
 from tests.fakes import FakeReward
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -163,8 +163,8 @@ async def test_composite_binds_rule_components_to_the_constraints() -> None:
 
 
 def test_judge_prompt_says_when_the_reply_is_unfinished() -> None:
-    from reward_clients.backend import ScoringItem
-    from reward_clients.judge import judge_messages
+    from ttalign.reward_clients.backend import ScoringItem
+    from ttalign.reward_clients.judge import judge_messages
 
     conversation = ({"role": "user", "content": "Tell me a story."},)
     finished = judge_messages(ScoringItem(conversation, "Once upon"), "Be fair.", 1, 9)

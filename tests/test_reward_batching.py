@@ -6,11 +6,16 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
+from ttalign.reward_clients.backend import (
+    BackendReward,
+    BackendSettings,
+    ScoringItem,
+    gather_or_cancel,
+)
+from ttalign.reward_clients.batching import MicroBatcher
+from ttalign.reward_clients.judge import JudgeReward
+from ttalign.server.metrics import Metrics
 
-from reward_clients.backend import BackendReward, BackendSettings, ScoringItem, gather_or_cancel
-from reward_clients.batching import MicroBatcher
-from reward_clients.judge import JudgeReward
-from server.metrics import Metrics
 from tests.fakes import FakeEngine
 
 CHAT = [{"role": "user", "content": "hi"}]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from ttalign.reward_clients.composite import CompositeReward
+from ttalign.reward_clients.normalization import Scaler
+from ttalign.reward_clients.rules import RuleVerifierReward
 
-from reward_clients.composite import CompositeReward
-from reward_clients.normalization import Scaler
-from reward_clients.rules import RuleVerifierReward
 from tests.fakes import FakeReward
 
 CHAT = [{"role": "user", "content": "hi"}]

@@ -9,12 +9,11 @@ from collections.abc import Awaitable
 from typing import Any
 
 import pytest
-
-from reward_clients import rendering
-from reward_clients.backend import BackendSettings
-from reward_clients.rules import RuleVerifierReward
-from reward_clients.tei import TeiReward
-from reward_clients.vllm_pooling import VllmPoolingReward
+from ttalign.reward_clients import rendering
+from ttalign.reward_clients.backend import BackendSettings
+from ttalign.reward_clients.rules import RuleVerifierReward
+from ttalign.reward_clients.tei import TeiReward
+from ttalign.reward_clients.vllm_pooling import VllmPoolingReward
 
 CHAT = [{"role": "user", "content": "Write a long essay."}]
 #: The loop must never stall this long while reward work runs.

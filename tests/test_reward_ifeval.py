@@ -6,16 +6,16 @@ import json
 import time
 
 import pytest
-
-from reward_clients import ifeval_checks
-from reward_clients.limits import (
+from ttalign.reward_clients import ifeval_checks
+from ttalign.reward_clients.limits import (
     MAX_IFEVAL_COUNT,
     MAX_IFEVAL_KWARGS,
     MAX_IFEVAL_TEXT_CHARS,
     MAX_KEYWORD_CHARS,
     MAX_KEYWORDS,
 )
-from reward_clients.rules import InvalidConstraintsError, RuleVerifierReward
+from ttalign.reward_clients.rules import InvalidConstraintsError, RuleVerifierReward
+
 from tests.conftest import SHARED_EVAL
 
 USER = [{"role": "user", "content": "Write something."}]

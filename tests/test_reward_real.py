@@ -12,14 +12,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ttalign.reward_clients.backend import BackendSettings
+from ttalign.reward_clients.config import load_reward_registry
+from ttalign.reward_clients.judge import JudgeReward
+from ttalign.reward_clients.limits import MAX_KEYWORDS
+from ttalign.reward_clients.local_hf import TransformersReward
+from ttalign.reward_clients.normalization import normalize
+from ttalign.reward_clients.vllm_pooling import VllmPoolingReward
 
-from reward_clients.backend import BackendSettings
-from reward_clients.config import load_reward_registry
-from reward_clients.judge import JudgeReward
-from reward_clients.limits import MAX_KEYWORDS
-from reward_clients.local_hf import TransformersReward
-from reward_clients.normalization import normalize
-from reward_clients.vllm_pooling import VllmPoolingReward
 from tests.servers import RunningServer
 
 pytestmark = pytest.mark.real_engine
@@ -75,7 +75,7 @@ async def test_vllm_pooling_micro_batches_concurrent_calls(
 ) -> None:
     import asyncio
 
-    from server.metrics import Metrics
+    from ttalign.server.metrics import Metrics
 
     metrics = Metrics()
     client = VllmPoolingReward(

@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from reward_clients import ifeval_checks
-from reward_clients.limits import (
+from ttalign.reward_clients import ifeval_checks
+from ttalign.reward_clients.limits import (
     MAX_CONSTRAINTS,
     MAX_INSTRUCTION_ID_CHARS,
     MAX_KEYWORD_CHARS,
     MAX_KEYWORDS,
     MAX_PATTERN_CHARS,
 )
-from reward_clients.rules import InvalidConstraintsError, RuleVerifierReward
+from ttalign.reward_clients.rules import InvalidConstraintsError, RuleVerifierReward
 
 USER = [{"role": "user", "content": "Write something."}]
 
@@ -145,9 +144,9 @@ def test_rules_without_constraints_is_an_error() -> None:
 
 
 def test_partial_candidates_render_as_an_open_assistant_turn() -> None:
-    from reward_clients.backend import ScoringItem
-    from reward_clients.rendering import load_tokenizer, render_ids, render_text
-    from server.model_prep import prepare_embedded_model
+    from ttalign.reward_clients.backend import ScoringItem
+    from ttalign.reward_clients.rendering import load_tokenizer, render_ids, render_text
+    from ttalign.server.model_prep import prepare_embedded_model
 
     tokenizer = load_tokenizer(str(prepare_embedded_model()))
     conversation = ({"role": "user", "content": "Count to three."},)

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from benchmarks.processes import free_port, wait_healthy
-from server.model_prep import prepare_embedded_model
+from ttalign.benchmarks.processes import free_port, wait_healthy
+from ttalign.server.model_prep import prepare_embedded_model
 
 pytestmark = pytest.mark.real_engine
 
@@ -47,7 +46,8 @@ def ttalign_process(tmp_path: Path, *extra: str) -> Iterator[ServerProcess]:
     """``ttalign serve`` on the embedded model, with a handle on its process."""
     port = free_port()
     command = [
-        sys.executable, "-m", "server.cli", "serve", "--model", str(prepare_embedded_model()),
+        sys.executable, "-m", "ttalign.server.cli", "serve",
+        "--model", str(prepare_embedded_model()),
         "--served-model-name", "smollm2", "--enforce-eager", "--kv-cache-memory", "256MiB",
         "--no-warmup", "--port", str(port), "--api-key", API_KEY, *extra,
     ]  # fmt: skip

@@ -6,13 +6,13 @@ import asyncio
 import time
 
 import pytest
+from ttalign.engine.base import SamplingSettings
+from ttalign.engine.metering import MeteredEngine
+from ttalign.strategies.base import AlignmentRequest, RewardResolver, StrategyContext
+from ttalign.strategies.budget import ComputeBudget
+from ttalign.strategies.errors import BudgetExhausted, DeadlineReached, InvalidStrategyRequest
+from ttalign.strategies.sampling import offset_seed
 
-from server.engine.base import SamplingSettings
-from server.engine.metering import MeteredEngine
-from strategies.base import AlignmentRequest, RewardResolver, StrategyContext
-from strategies.budget import ComputeBudget
-from strategies.errors import BudgetExhausted, DeadlineReached, InvalidStrategyRequest
-from strategies.sampling import offset_seed
 from tests.fakes import FakeEngine, FakeReward
 
 QUESTION = ({"role": "user", "content": "hi"},)

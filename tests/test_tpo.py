@@ -10,17 +10,17 @@ import httpx
 import openai
 import pytest
 from pydantic import ValidationError
+from ttalign.engine.base import EngineRequestError, SamplingSettings
+from ttalign.engine.metering import MeteredEngine
+from ttalign.reward_clients.base import RewardTimeout
+from ttalign.reward_clients.registry import RewardRegistry
+from ttalign.server.app import create_app
+from ttalign.strategies import get_strategy
+from ttalign.strategies.base import AlignmentRequest, ProgressEvent, RewardResolver, StrategyContext
+from ttalign.strategies.errors import InvalidStrategyRequest
+from ttalign.strategies.tpo import TestTimePreferenceOptimization, TPOConfig
+from ttalign.strategies.tpo_prompts import DEFAULT_TEMPLATES, fill
 
-from reward_clients.base import RewardTimeout
-from reward_clients.registry import RewardRegistry
-from server.app import create_app
-from server.engine.base import EngineRequestError, SamplingSettings
-from server.engine.metering import MeteredEngine
-from strategies import get_strategy
-from strategies.base import AlignmentRequest, ProgressEvent, RewardResolver, StrategyContext
-from strategies.errors import InvalidStrategyRequest
-from strategies.tpo import TestTimePreferenceOptimization, TPOConfig
-from strategies.tpo_prompts import DEFAULT_TEMPLATES, fill
 from tests.conftest import fake_settings
 from tests.fakes import EngineCall, FakeEngine, FakeReward
 from tests.servers import RunningServer, serve_in_thread

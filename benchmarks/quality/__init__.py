@@ -10,5 +10,5 @@ Modules, one job each:
 - :mod:`.harness`: runs one spec over a suite concurrently and aggregates metrics and cost;
 - :mod:`.report`: writes the JSON result, the markdown table and the PNG plot.
 
-The command line is ``python -m benchmarks.evaluate --help``.
+The command line is ``python -m ttalign.benchmarks.evaluate --help``.
 """

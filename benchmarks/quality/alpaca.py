@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality.suites import Item, Suite
+from ttalign.benchmarks.quality.suites import Item, Suite
 
 
 class AlpacaEval(Suite):

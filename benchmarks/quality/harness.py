@@ -23,10 +23,9 @@ from typing import Any, TypeVar
 
 import openai
 from tqdm import tqdm
-
-from benchmarks.quality.client import TtalignClient
-from benchmarks.quality.runs import RunSpec
-from benchmarks.quality.suites import Item, Suite, mean
+from ttalign.benchmarks.quality.client import TtalignClient
+from ttalign.benchmarks.quality.runs import RunSpec
+from ttalign.benchmarks.quality.suites import Item, Suite, mean
 
 T = TypeVar("T")
 

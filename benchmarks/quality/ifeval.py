@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality.suites import Item, Metric, Suite, mean
-from reward_clients.ifeval_checks import check_instruction, check_loose
+from ttalign.benchmarks.quality.suites import Item, Metric, Suite, mean
+from ttalign.reward_clients.ifeval_checks import check_instruction, check_loose
 
 
 def _used_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:

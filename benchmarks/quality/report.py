@@ -1,7 +1,8 @@
 """Write an evaluation's result: the JSON document, a markdown table and a PNG plot.
 
 The table and the plot are drawn from the JSON document alone, so they can be redrawn
-from a committed result without a server (``python -m benchmarks.evaluate --render X.json``).
+from a committed result without a server
+(``python -m ttalign.benchmarks.evaluate --render X.json``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
-
-from benchmarks.quality.suites import Metric
+from ttalign.benchmarks.quality.suites import Metric
 
 #: Rows every suite's table ends with: (key, description, percent).
 REWARD_ROWS = (

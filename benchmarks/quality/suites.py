@@ -64,9 +64,9 @@ class Suite(ABC):
 
 def suites() -> dict[str, Suite]:
     """The prompt sets by name."""
-    from benchmarks.quality.alpaca import AlpacaEval
-    from benchmarks.quality.ifeval import IFEval
-    from benchmarks.quality.xstest import XSTest
+    from ttalign.benchmarks.quality.alpaca import AlpacaEval
+    from ttalign.benchmarks.quality.ifeval import IFEval
+    from ttalign.benchmarks.quality.xstest import XSTest
 
     return {suite.name: suite for suite in (IFEval(), XSTest(), AlpacaEval())}
 

@@ -12,8 +12,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality.refusal import classify_refusal
-from benchmarks.quality.suites import Item, Metric, Suite, mean
+from ttalign.benchmarks.quality.refusal import classify_refusal
+from ttalign.benchmarks.quality.suites import Item, Metric, Suite, mean
 
 
 class XSTest(Suite):

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from server.engine.base import (
+from ttalign.engine.base import (
     SEED_MAX,
     SEED_MIN,
     Completion,
@@ -28,8 +28,8 @@ from server.engine.base import (
     StructuredOutput,
     TokenLogprob,
 )
-from server.engine.vllm_errors import request_error, unavailable_error
-from server.engine.vllm_memory import check_kv_cache_fits, cpu_node_memory, start_failure_message
+from ttalign.engine.vllm_errors import request_error, unavailable_error
+from ttalign.engine.vllm_memory import check_kv_cache_fits, cpu_node_memory, start_failure_message
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ SEED_RANGE = range(SEED_MIN, SEED_MAX + 1)
 
 
 class VllmEngine:
-    """An :class:`~server.engine.base.EngineClient` over an in-process ``AsyncLLM``."""
+    """An :class:`~ttalign.engine.base.EngineClient` over an in-process ``AsyncLLM``."""
 
     def __init__(self, llm: Any, model_name: str, chat_template: str | None = None) -> None:
         self._llm = llm
@@ -90,7 +90,7 @@ class VllmEngine:
 
         ``generation_config`` is ``auto`` (the model's ``generation_config.json`` supplies
         :attr:`sampling_defaults`, as in ``vllm serve``) or ``vllm`` (no model defaults).
-        Raises :class:`~server.engine.base.EngineStartupError` when the engine cannot start,
+        Raises :class:`~ttalign.engine.base.EngineStartupError` when the engine cannot start,
         before spawning anything where the cause can be known in advance.
         """
         from vllm.engine.arg_utils import AsyncEngineArgs

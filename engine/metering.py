@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from server.engine.base import (
+from ttalign.engine.base import (
     CompletionDelta,
     EngineClient,
     EngineHealth,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.engine.base import EngineStartupError
+from ttalign.engine.base import EngineStartupError
 
 #: The setting that sizes the KV cache, as a flag and as an environment variable.
 KV_CACHE_SETTING = "--kv-cache-memory (TTALIGN_KV_CACHE_MEMORY)"
@@ -46,7 +46,7 @@ def cpu_node_memory() -> NodeMemory | None:
 def check_kv_cache_fits(kv_cache_bytes: int | None, memory: NodeMemory | None) -> None:
     """Refuse, before the engine starts, a KV cache larger than the node's available memory.
 
-    Raises :class:`~server.engine.base.EngineStartupError` naming the setting to change.
+    Raises :class:`~ttalign.engine.base.EngineStartupError` naming the setting to change.
     """
     if kv_cache_bytes is None or memory is None or kv_cache_bytes <= memory.available:
         return

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from server.engine.base import EngineClient, SamplingSettings
-from server.settings import ServerSettings
+from ttalign.engine.base import EngineClient, SamplingSettings
+from ttalign.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -15,14 +15,14 @@ def resolve_model_path(settings: ServerSettings) -> str:
     """The model folder to serve: the configured one, or the prepared embedded model."""
     if settings.model:
         return settings.model
-    from server.model_prep import prepare_embedded_model
+    from ttalign.server.model_prep import prepare_embedded_model
 
     return str(prepare_embedded_model(settings.cache_dir))
 
 
 def build_engine(settings: ServerSettings) -> EngineClient:
     """Start the in-process vLLM engine (spawns vLLM's engine-core process)."""
-    from server.engine.vllm_engine import VllmEngine
+    from ttalign.engine.vllm_engine import VllmEngine
 
     model_path = resolve_model_path(settings)
     return VllmEngine.start(

@@ -8,7 +8,7 @@ engine died or failed a request for reasons of its own.
 
 from __future__ import annotations
 
-from server.engine.base import EngineRequestError, EngineUnavailableError, SamplingSettings
+from ttalign.engine.base import EngineRequestError, EngineUnavailableError, SamplingSettings
 
 # vLLM's names for request fields, where the API calls them something else.
 _API_PARAMETERS = {
