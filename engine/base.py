@@ -19,6 +19,13 @@ Prompt = str | list[int]
 #: Seeds are signed 64-bit integers, as in vLLM.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
+#: The most alternatives per position that ``logprobs`` may ask for (vLLM's default cap).
+MAX_TOP_LOGPROBS = 20
+
+#: What ended a completion: the stop string, the stop token id, or ``None`` for the model's
+#: end-of-sequence token or the length limit.
+StopReason = str | int | None
+
 
 @dataclass(frozen=True)
 class StructuredOutput:
@@ -40,7 +47,8 @@ class SamplingSettings:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    #: ``None``: no log-probabilities; ``k >= 0``: the sampled token plus the top ``k``.
+    #: ``None``: no log-probabilities; ``k`` in ``[0, 20]``: the sampled token plus the top
+    #: ``k`` alternatives (and then :attr:`Completion.cumulative_logprob`).
     logprobs: int | None = None
     #: Keep generating past end-of-sequence until ``max_tokens`` (benchmarks use it).
     ignore_eos: bool = False
@@ -53,15 +61,31 @@ class SamplingSettings:
     #: ``(token_id, bias)`` pairs added to the logits before sampling.
     logit_bias: tuple[tuple[int, float], ...] = ()
     structured: StructuredOutput | None = None
+    #: Generate at least this many tokens before end-of-sequence or a stop may end it.
+    min_tokens: int = 0
+    #: Token ids that end a completion as a stop string does (kept in ``token_ids``).
+    stop_token_ids: tuple[int, ...] = ()
+    #: Keep the matched stop string at the end of the text.
+    include_stop_str_in_output: bool = False
+    #: Sample only among these token ids (with ``max_tokens=1``: a forced one-token answer).
+    allowed_token_ids: tuple[int, ...] | None = None
+    #: Per-request arguments for the engine's custom logits processors (vLLM ``extra_args``).
+    extra_args: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The log-probability of one generated token and its top alternatives."""
+    """The log-probability of one generated token and its top alternatives.
+
+    ``top`` holds ``(text, logprob)`` pairs, most likely first, and ``top_ids`` the same
+    alternatives' token ids, so a search can branch on them without tokenizing text.
+    """
 
     token: str
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
+    token_id: int | None = None
+    top_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,10 @@ class Completion:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     logprobs: tuple[TokenLogprob, ...] | None = None
+    #: The stop string or stop token id that ended it; ``None`` for end-of-sequence or length.
+    stop_reason: StopReason = None
+    #: The sum of the sampled tokens' log-probabilities (set when ``logprobs`` was asked for).
+    cumulative_logprob: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -104,6 +132,8 @@ class CompletionDelta:
     prompt_tokens: int = 0
     #: The ids of the new tokens (``num_tokens`` of them).
     token_ids: tuple[int, ...] = ()
+    #: On the final delta: what ended the completion (see :attr:`Completion.stop_reason`).
+    stop_reason: StopReason = None
 
 
 @dataclass
@@ -159,6 +189,19 @@ class EngineClient(Protocol):
 
     async def count_tokens(self, text: str) -> int:
         """The number of tokens ``text`` encodes to, without special tokens (off the loop)."""
+        ...
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The token ids of ``text``, without special tokens (off the loop)."""
+        ...
+
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of ``token_ids``, special tokens (end-of-sequence) left out."""
+        ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The ids that end a reply: the tokenizer's end-of-sequence token and the model's."""
         ...
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:

@@ -55,6 +55,16 @@ class MeteredEngine:
     async def count_tokens(self, text: str) -> int:
         return await self._engine.count_tokens(text)
 
+    async def tokenize(self, text: str) -> list[int]:
+        return await self._engine.tokenize(text)
+
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        return await self._engine.decode(token_ids)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._engine.eos_token_ids
+
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         self._count_call(sampling)
         generation = await self._engine.generate(prompt, sampling)

@@ -66,6 +66,7 @@ class VllmEngine:
         self._tokenizer = llm.get_tokenizer()
         self._max_model_len = int(llm.model_config.max_model_len)
         self._sampling_defaults = model_sampling_defaults(llm.model_config)
+        self._eos_token_ids = eos_token_ids(self._tokenizer, llm.model_config)
         self._running: set[str] = set()
 
     @classmethod
@@ -145,6 +146,18 @@ class VllmEngine:
     async def count_tokens(self, text: str) -> int:
         return await asyncio.to_thread(self._count_tokens, text)
 
+    async def tokenize(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self._tokenizer.encode, text, add_special_tokens=False)
+
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        return await asyncio.to_thread(
+            self._tokenizer.decode, list(token_ids), skip_special_tokens=True
+        )
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos_token_ids
+
     def _render_chat(
         self, messages: Sequence[dict[str, str]], continue_final_message: bool
     ) -> list[int]:
@@ -191,6 +204,8 @@ class VllmEngine:
                 token_ids=tuple(out.token_ids),
                 finish_reason=_finish_reason(out.finish_reason),
                 logprobs=self._logprobs(out.logprobs, out.token_ids, sampling),
+                stop_reason=out.stop_reason,
+                cumulative_logprob=out.cumulative_logprob,
             )
             for out in sorted(final.outputs, key=lambda o: o.index)
         )
@@ -218,6 +233,7 @@ class VllmEngine:
                         finish_reason=_finish_reason(out.finish_reason),
                         logprobs=self._logprobs(out.logprobs, out.token_ids, sampling),
                         prompt_tokens=prompt_tokens,
+                        stop_reason=out.stop_reason if out.finish_reason else None,
                     )
                     for index in range(copies):
                         yield replace(delta, index=index) if copies > 1 else delta
@@ -299,6 +315,13 @@ class VllmEngine:
             seed=sampling.seed,
             logprobs=sampling.logprobs,
             ignore_eos=sampling.ignore_eos,
+            min_tokens=sampling.min_tokens,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            include_stop_str_in_output=sampling.include_stop_str_in_output,
+            allowed_token_ids=(
+                list(sampling.allowed_token_ids) if sampling.allowed_token_ids is not None else None
+            ),
+            extra_args=dict(sampling.extra_args) if sampling.extra_args else None,
             output_kind=kind,
         )
 
@@ -310,11 +333,18 @@ class VllmEngine:
         result = []
         for token_id, position in zip(token_ids, raw, strict=False):
             ranked = sorted(position.items(), key=lambda item: item[1].logprob, reverse=True)
-            top = tuple(
-                (self._token_text(tid, lp), lp.logprob) for tid, lp in ranked[: sampling.logprobs]
-            )
+            ranked = ranked[: sampling.logprobs]
+            top = tuple((self._token_text(tid, lp), lp.logprob) for tid, lp in ranked)
             chosen = position[token_id]
-            result.append(TokenLogprob(self._token_text(token_id, chosen), chosen.logprob, top))
+            result.append(
+                TokenLogprob(
+                    self._token_text(token_id, chosen),
+                    chosen.logprob,
+                    top,
+                    token_id=token_id,
+                    top_ids=tuple(tid for tid, _ in ranked),
+                )
+            )
         return tuple(result)
 
     def _token_text(self, token_id: int, logprob: Any) -> str:
@@ -330,6 +360,21 @@ def model_sampling_defaults(model_config: Any) -> dict[str, float | int]:
     """
     defaults = model_config.get_diff_sampling_param()
     return {k: v for k, v in defaults.items() if k in SAMPLING_DEFAULT_KEYS}
+
+
+def eos_token_ids(tokenizer: Any, model_config: Any) -> frozenset[int]:
+    """The tokenizer's end-of-sequence id plus the model's own (``generation_config.json``)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids = {int(eos)} if eos is not None else set()
+    try:
+        configured = model_config.try_get_generation_config().get("eos_token_id")
+    except Exception:  # a model without a generation config: the tokenizer's id stands
+        configured = None
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(int(i) for i in configured)
+    return frozenset(ids)
 
 
 def load_chat_template(path: str) -> str:

@@ -1,26 +1,57 @@
 """Scripted stand-ins for the engine and the reward client, for fast unit tests.
 
-``FakeEngine`` renders chats as plain text (token ids are the UTF-8 bytes of that text),
-records every call, and answers each one with a script: a function from the rendered
-prompt text and the sampling settings to the ``n`` completion texts.
+``FakeEngine`` renders chats as plain text, records every call, and answers each one with
+a script: a function from the prompt's text and the sampling settings to the ``n``
+completions, each a string or a :class:`Scripted` completion.
+
+Its tokenizer is simple and exact, so token-native search can be tested on it: prompt
+text is UTF-8 bytes (ids below 256), and generated text is split into words with their
+leading whitespace, each word an id of its own (from 1000 up). ``decode`` inverts both, and
+prompts built from rendered ids plus generated ids read back as the text they stand for.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import math
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ttalign.engine.base import (
     Completion,
     CompletionDelta,
     EngineHealth,
+    FinishReason,
     Generation,
     Prompt,
     SamplingSettings,
+    StopReason,
+    TokenLogprob,
 )
 
-Script = Callable[[str, SamplingSettings], list[str]]
+#: The fake model's end-of-sequence token (a control byte no text contains).
+EOS = 3
+FIRST_WORD_ID = 1000
+#: A word with its leading whitespace (trailing whitespace stays with the last word).
+WORD = re.compile(r"\s*\S+(?:\s+$)?|\s+$")
+
+
+@dataclass(frozen=True)
+class Scripted:
+    """One scripted completion, with what a plain string cannot say."""
+
+    text: str
+    #: End with the end-of-sequence token (its id ends ``token_ids``, as in vLLM).
+    eos: bool = False
+    #: The log-probability of each word (default: -1.0 each).
+    logprobs: Sequence[float] | None = None
+    #: Per position, alternatives as ``{word: logprob}`` for top-k log-probabilities.
+    top: Sequence[Mapping[str, float]] | None = None
+
+
+Output = str | Scripted
+Script = Callable[[str, SamplingSettings], Sequence[Output]]
 
 
 def echo_script(prompt: str, sampling: SamplingSettings) -> list[str]:
@@ -33,6 +64,8 @@ class EngineCall:
     prompt: str
     sampling: SamplingSettings
     outputs: list[str]
+    #: The prompt exactly as the engine got it (text, or token ids).
+    raw_prompt: Prompt = ""
 
 
 @dataclass
@@ -49,6 +82,8 @@ class FakeEngine:
     healthy: bool = True
     #: The model's sampling defaults (``generation_config.json``); none unless a test sets them.
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
+    eos_token_ids: frozenset[int] = frozenset({EOS})
+    vocabulary: dict[str, int] = field(default_factory=dict)
 
     async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
@@ -63,51 +98,150 @@ class FakeEngine:
     async def count_tokens(self, text: str) -> int:
         return self.word_count(text)
 
+    async def tokenize(self, text: str) -> list[int]:
+        return self.word_ids(text)
+
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        return self.text_of(token_ids)
+
     @staticmethod
     def word_count(text: str) -> int:
         return len(text.split())
 
+    def word_ids(self, text: str) -> list[int]:
+        """The ids of ``text``'s words (each with its leading whitespace)."""
+        return [self._word_id(word) for word in WORD.findall(text)]
+
+    def _word_id(self, word: str) -> int:
+        if word not in self.vocabulary:
+            self.vocabulary[word] = FIRST_WORD_ID + len(self.vocabulary)
+        return self.vocabulary[word]
+
+    def text_of(self, token_ids: Sequence[int]) -> str:
+        words = {i: w for w, i in self.vocabulary.items()}
+        parts: list[str] = []
+        pending = bytearray()
+        for token in token_ids:
+            if token < 256:
+                if token != EOS:
+                    pending.append(token)
+                continue
+            if pending:
+                parts.append(pending.decode())
+                pending.clear()
+            parts.append(words[token])
+        if pending:
+            parts.append(pending.decode())
+        return "".join(parts)
+
     def prompt_text(self, prompt: Prompt) -> str:
-        return bytes(prompt).decode() if isinstance(prompt, list) else prompt
+        return self.text_of(prompt) if isinstance(prompt, list) else prompt
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         text = self.prompt_text(prompt)
-        outputs = self.script(text, sampling)
+        outputs = list(self.script(text, sampling))
         if len(outputs) != sampling.n:
             raise AssertionError(f"script gave {len(outputs)} outputs for n={sampling.n}")
-        self.calls.append(EngineCall(text, sampling, outputs))
+        texts = [o if isinstance(o, str) else o.text for o in outputs]
+        self.calls.append(EngineCall(text, sampling, texts, prompt))
         self.running += 1
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
         finally:
             self.running -= 1
-        completions = tuple(
-            Completion(
-                index=i,
-                text=out,
-                token_ids=tuple(range(self.word_count(out))),
-                finish_reason="length" if self.word_count(out) >= sampling.max_tokens else "stop",
-            )
-            for i, out in enumerate(outputs)
-        )
+        completions = tuple(self._complete(i, out, sampling) for i, out in enumerate(outputs))
         return Generation(prompt_tokens=len(text.split()), completions=completions)
+
+    def _complete(self, index: int, output: Output, sampling: SamplingSettings) -> Completion:
+        """Apply the settings a real engine would to one scripted completion."""
+        scripted = output if isinstance(output, Scripted) else Scripted(output)
+        words = WORD.findall(scripted.text)
+        finish: FinishReason = "stop"
+        stop_reason: StopReason = None
+        eos = scripted.eos
+        for position, word in enumerate(words):
+            ended = self._stop_in(word, sampling)
+            if ended is not None:
+                stop_reason = ended
+                kept = word if sampling.include_stop_str_in_output or isinstance(ended, int) else ""
+                if isinstance(ended, str) and not sampling.include_stop_str_in_output:
+                    kept = word[: word.index(ended)]
+                words = [*words[:position], kept] if kept else words[:position]
+                eos = False
+                break
+        if len(words) >= sampling.max_tokens and stop_reason is None:
+            words, eos = words[: sampling.max_tokens], False
+            finish = "length"
+        ids = [self._word_id(w) for w in words]
+        if sampling.allowed_token_ids is not None:
+            stray = set(ids) - set(sampling.allowed_token_ids)
+            if stray:
+                raise AssertionError(f"script answered tokens {stray} outside allowed_token_ids")
+        if eos:
+            ids.append(EOS)
+        logprobs = self._logprobs(scripted, ids, sampling)
+        cumulative = None if logprobs is None else math.fsum(lp.logprob for lp in logprobs)
+        return Completion(
+            index=index,
+            text="".join(words),
+            token_ids=tuple(ids),
+            finish_reason=finish,
+            logprobs=logprobs,
+            stop_reason=stop_reason,
+            cumulative_logprob=cumulative,
+        )
+
+    def _stop_in(self, word: str, sampling: SamplingSettings) -> StopReason:
+        if sampling.stop_token_ids and self._word_id(word) in sampling.stop_token_ids:
+            return self._word_id(word)
+        return next((stop for stop in sampling.stop if stop in word), None)
+
+    def _logprobs(
+        self, scripted: Scripted, ids: list[int], sampling: SamplingSettings
+    ) -> tuple[TokenLogprob, ...] | None:
+        if sampling.logprobs is None:
+            return None
+        result = []
+        for position, token in enumerate(ids):
+            chosen = (
+                scripted.logprobs[position]
+                if scripted.logprobs is not None and position < len(scripted.logprobs)
+                else -1.0
+            )
+            alternatives = (
+                dict(scripted.top[position])
+                if scripted.top and position < len(scripted.top)
+                else {}
+            )
+            ranked = sorted(alternatives.items(), key=lambda item: -item[1])[: sampling.logprobs]
+            result.append(
+                TokenLogprob(
+                    self.text_of([token]),
+                    chosen,
+                    tuple(ranked),
+                    token_id=token,
+                    top_ids=tuple(self._word_id(w) for w, _ in ranked),
+                )
+            )
+        return tuple(result)
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncIterator[CompletionDelta]:
         generation = await self.generate(prompt, sampling)
         for completion in generation.completions:
-            words = completion.text.split(" ")
-            for position, word in enumerate(words):
-                last = position == len(words) - 1
+            ids = completion.token_ids or (None,)
+            for position, token in enumerate(ids):
+                last = position == len(ids) - 1
                 yield CompletionDelta(
                     index=completion.index,
-                    text=word if position == 0 else " " + word,
-                    num_tokens=1,
-                    token_ids=(position,),
+                    text=self.text_of([token]) if token is not None else "",
+                    num_tokens=0 if token is None else 1,
+                    token_ids=() if token is None else (token,),
                     finish_reason=completion.finish_reason if last else None,
                     prompt_tokens=generation.prompt_tokens,
+                    stop_reason=completion.stop_reason if last else None,
                 )
 
     async def health(self) -> EngineHealth:

@@ -61,6 +61,8 @@ def output(*texts: str, finished: bool, token_ids: tuple[int, ...] = (7, 8)) -> 
                 token_ids=list(token_ids),
                 finish_reason="stop" if finished else None,
                 logprobs=None,
+                stop_reason=None,
+                cumulative_logprob=None,
             )
             for i, text in enumerate(texts)
         ],
@@ -76,11 +78,13 @@ class StubLLM:
         self.aborted: list[str] = []
         self.errored = False
         self.model_config = SimpleNamespace(
-            max_model_len=2048, get_diff_sampling_param=lambda: dict(defaults or {})
+            max_model_len=2048,
+            get_diff_sampling_param=lambda: dict(defaults or {}),
+            try_get_generation_config=lambda: {"eos_token_id": [2, 5]},
         )
 
     def get_tokenizer(self) -> Any:
-        return SimpleNamespace(encode=lambda text: [1, 2, 3])
+        return SimpleNamespace(encode=lambda text: [1, 2, 3], eos_token_id=2)
 
     async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
         self.requests.append((params, request_id))
