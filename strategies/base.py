@@ -95,6 +95,8 @@ class StrategyResult:
     trace: dict[str, Any] | None = None
     #: Tokens of the user's rendered conversation, when the strategy already knows it.
     prompt_tokens: int | None = None
+    #: Strategy-specific counts added to the response's ``alignment`` object.
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,8 @@ class StrategyContext:
     progress: asyncio.Queue[ProgressEvent] = field(default_factory=asyncio.Queue)
     #: Server-configured replacements for strategies' prompt templates, by template name.
     prompt_overrides: Mapping[str, str] = field(default_factory=dict)
+    #: The server's sentence embedder (``embed(texts)`` → L2-normalized rows), if any.
+    embedder: Any = None
     #: Set once the deadline has cut an engine call short or stopped a step. The server
     #: reports such a request as ``stopped_early`` whatever its strategy returned.
     deadline_reached: bool = False
@@ -291,6 +295,10 @@ class Strategy(ABC, Generic[ConfigT]):
     #: Whether :meth:`stream` yields tokens as the engine makes them. Searches that send
     #: nothing until they have an answer do not, and the server keeps their streams alive.
     streams_tokens: ClassVar[bool] = False
+
+    def needs_reward(self, config: ConfigT) -> bool:
+        """Whether this config consults a reward client (so its name is validated up front)."""
+        return self.uses_reward
 
     def check(self, request: AlignmentRequest, config: ConfigT) -> None:
         """Reject a request this strategy cannot serve, before any engine work.

@@ -9,6 +9,7 @@ batched ``generate``.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -21,6 +22,7 @@ from ttalign.engine.base import (
     Generation,
     Prompt,
     SamplingSettings,
+    StopReason,
     TokenLogprob,
 )
 
@@ -60,6 +62,7 @@ class PartialCompletion:
         self.logprobs: list[TokenLogprob] = []
         self.has_logprobs = False
         self.finish_reason: FinishReason | None = None
+        self.stop_reason: StopReason = None
 
     def add(self, delta: CompletionDelta) -> None:
         self.parts.append(delta.text)
@@ -70,6 +73,7 @@ class PartialCompletion:
             self.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
 
     @property
     def text(self) -> str:
@@ -83,6 +87,10 @@ class PartialCompletion:
             token_ids=tuple(self.token_ids),
             finish_reason=self.finish_reason or "length",
             logprobs=tuple(self.logprobs) if self.has_logprobs else None,
+            stop_reason=self.stop_reason,
+            cumulative_logprob=(
+                math.fsum(lp.logprob for lp in self.logprobs) if self.has_logprobs else None
+            ),
         )
 
 

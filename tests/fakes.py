@@ -242,6 +242,11 @@ class FakeEngine:
                     finish_reason=completion.finish_reason if last else None,
                     prompt_tokens=generation.prompt_tokens,
                     stop_reason=completion.stop_reason if last else None,
+                    logprobs=(
+                        completion.logprobs[position : position + 1]
+                        if completion.logprobs is not None and token is not None
+                        else None
+                    ),
                 )
 
     async def health(self) -> EngineHealth:
