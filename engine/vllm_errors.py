@@ -27,6 +27,7 @@ _SAMPLING_FIELDS = frozenset(
         "top_p",
         "top_k",
         "min_p",
+        "min_tokens",
         "presence_penalty",
         "frequency_penalty",
         "repetition_penalty",

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ttalign.engine.base import EngineClient
 from ttalign.reward_clients.config import load_reward_registry, read_reward_config
+from ttalign.reward_clients.embeddings import Embedder, build_embedder
 from ttalign.reward_clients.registry import RewardRegistry
 from ttalign.server.admission import Admission
 from ttalign.server.auth import ApiKeyMiddleware, load_api_keys
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ServerSettings], EngineClient]
 RewardFactory = Callable[[ServerSettings, EngineClient, Metrics], RewardRegistry]
+EmbedderFactory = Callable[[ServerSettings], Embedder | None]
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -47,21 +49,30 @@ def default_rewards(
     )
 
 
+def default_embedder(settings: ServerSettings) -> Embedder | None:
+    return build_embedder(settings.embedding_model)
+
+
 def create_app(
     settings: ServerSettings,
     *,
     engine_factory: EngineFactory = build_engine,
     reward_factory: RewardFactory = default_rewards,
+    embedder_factory: EmbedderFactory = default_embedder,
 ) -> FastAPI:
     """The ttalign app. The factories exist so tests can inject fakes.
 
-    Raises :class:`~server.auth.ApiKeyConfigError` or
-    :class:`~reward_clients.config.RewardConfigError` at once for an unusable API key file
-    or reward config: a bad file fails before the engine spends half a minute starting.
+    Raises :class:`~server.auth.ApiKeyConfigError`,
+    :class:`~reward_clients.config.RewardConfigError` or
+    :class:`~reward_clients.embeddings.EmbeddingModelError` at once for an unusable API key
+    file, reward config or embedding model: a bad file fails before the engine spends half
+    a minute starting.
     """
     api_keys = load_api_keys(settings)
     if settings.reward_config is not None:
         read_reward_config(settings.reward_config, settings.default_reward)
+    # Finds the model folder now; its weights load on the first embedding.
+    embedder = embedder_factory(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,6 +82,8 @@ def create_app(
             cleanup.push_async_callback(engine.shutdown)
             rewards = reward_factory(settings, engine, metrics)
             cleanup.push_async_callback(rewards.close)
+            if embedder is not None:
+                cleanup.push_async_callback(embedder.close)
             if settings.warmup:
                 await warm_up(engine)
             admission = Admission(settings.max_concurrent_requests, settings.retry_after_seconds)
@@ -78,7 +91,8 @@ def create_app(
             app.state.metrics = metrics
             app.state.engine = engine
             app.state.admission = admission
-            app.state.service = ChatCompletionService(engine, settings, metrics, rewards)
+            app.state.embedder = embedder
+            app.state.service = ChatCompletionService(engine, settings, metrics, rewards, embedder)
             app.state.scorer = ScoreService(
                 rewards, admission, metrics, max_candidates=settings.max_candidates
             )

@@ -9,6 +9,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -24,6 +25,9 @@ MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS_ENTRIES = 300
 #: Longest candidate reply ``/v1/rewards/score`` accepts, in characters.
 MAX_CANDIDATE_CHARS = 65536
+
+#: A token id; whether it is in the model's vocabulary is the engine's to say.
+TokenId = Annotated[int, Field(ge=0, strict=True)]
 
 #: OpenAI request fields that would change the answer's meaning but are not served here.
 #: Sending one with a non-empty value is a 400 (``unsupported_parameter``), never ignored.
@@ -121,6 +125,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     user: str | None = None
+
+    # --- vLLM extensions, accepted as ``vllm serve`` accepts them (send through ``extra_body``)
     ignore_eos: bool = Field(
         False, description="vLLM extension: generate max_tokens even past end-of-sequence."
     )
@@ -132,6 +138,28 @@ class ChatCompletionRequest(OpenAIBaseModel):
     )
     repetition_penalty: float | None = Field(
         None, gt=0, le=2, description="vLLM extension: penalize tokens already in the text."
+    )
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        description="vLLM extension: generate at least this many tokens before "
+        "end-of-sequence or a stop_token_ids token may end the reply (at most max_tokens).",
+    )
+    stop_token_ids: list[TokenId] | None = Field(
+        None,
+        description="vLLM extension: token ids that end the reply as stop strings do "
+        "(the stop token's text is left out unless include_stop_str_in_output).",
+    )
+    include_stop_str_in_output: bool = Field(
+        False,
+        description="vLLM extension: end the reply with the stop string or stop token that "
+        "ended it.",
+    )
+    allowed_token_ids: list[TokenId] | None = Field(
+        None,
+        min_length=1,
+        description="vLLM extension: sample only among these token ids (with max_tokens=1, "
+        "a forced choice among them).",
     )
 
     # --- ttalign extensions (clients send them through ``extra_body``) --------------------
@@ -171,6 +199,18 @@ class ChatCompletionRequest(OpenAIBaseModel):
         if any(len(s) > MAX_STOP_CHARS for s in sequences):
             raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters long")
         return stop
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _check_min_tokens(cls, min_tokens: int, info: ValidationInfo) -> int:
+        # max_tokens and max_completion_tokens come first, so they are validated by now.
+        for name in ("max_completion_tokens", "max_tokens"):
+            limit = info.data.get(name)
+            if limit is not None:
+                if min_tokens > limit:
+                    raise ValueError(f"must be at most {name} ({limit}), got {min_tokens}")
+                break
+        return min_tokens
 
     @field_validator("logit_bias")
     @classmethod

@@ -156,11 +156,14 @@ class ChatCompletionService:
         settings: ServerSettings,
         metrics: Metrics,
         rewards: RewardRegistry,
+        embedder: Any = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.rewards = rewards
+        #: The sentence embedder search strategies use (``None``: none configured).
+        self.embedder = embedder
         self.prompt_overrides = load_prompt_overrides(settings.prompt_overrides)
 
     # --- validation -------------------------------------------------------------------------
@@ -173,7 +176,7 @@ class ChatCompletionService:
         strategy = self._strategy(request.strategy)
         config = self._strategy_config(strategy, request.strategy_config)
         self._check_limits(request)
-        if strategy.uses_reward or request.reward is not None:
+        if strategy.needs_reward(config) or request.reward is not None:
             self._check_reward(
                 request.reward, getattr(config, "reward", None), tuple(request.constraints or ())
             )
@@ -191,6 +194,7 @@ class ChatCompletionService:
             ),
             prompt_overrides=self.prompt_overrides,
             deadline=started + min(deadlines) if deadlines else None,
+            embedder=self.embedder,
         )
         try:
             strategy.check(context.request, config)
@@ -424,6 +428,8 @@ class ChatCompletionService:
             "reward_calls": reward_usage.calls,
             "reward_seconds": round(reward_usage.seconds, 4),
         }
+        for key, value in result.metadata.items():
+            alignment.setdefault(key, value)
         if result.trace is not None:
             alignment["trace"] = result.trace
         return alignment
@@ -454,20 +460,35 @@ def request_sampling(
     default_max_tokens: int,
     max_tokens_cap: int,
 ) -> SamplingSettings:
-    """The request's sampling settings; fields it leaves unset take the model's defaults."""
+    """The request's sampling settings; fields it leaves unset take the model's defaults.
+
+    Raises :class:`InvalidRequestError` for a ``min_tokens`` beyond ``max_tokens_cap``.
+    """
 
     def pick(name: str, fallback: Any) -> Any:
         value = getattr(request, name)
         return value if value is not None else defaults.get(name, fallback)
 
+    # A model's own max_tokens default is used like --default-max-tokens: never beyond the
+    # cap a request may ask for. A request that names no limit but asks for min_tokens gets
+    # at least that many (the protocol already checked min_tokens against a named limit).
+    max_tokens = request.requested_max_tokens()
+    if max_tokens is None:
+        if request.min_tokens > max_tokens_cap:
+            raise InvalidRequestError(
+                f"min_tokens is {request.min_tokens}, but this server generates at most "
+                f"{max_tokens_cap} tokens per reply.",
+                param="min_tokens",
+                code="invalid_value",
+            )
+        default = min(defaults.get("max_tokens") or default_max_tokens, max_tokens_cap)
+        max_tokens = max(default, request.min_tokens)
+    allowed = request.allowed_token_ids
     return SamplingSettings(
         n=1,
         temperature=pick("temperature", DEFAULT_TEMPERATURE),
         top_p=pick("top_p", DEFAULT_TOP_P),
-        # A model's own max_tokens default is used like --default-max-tokens: never
-        # beyond the cap a request may ask for.
-        max_tokens=request.requested_max_tokens()
-        or min(defaults.get("max_tokens") or default_max_tokens, max_tokens_cap),
+        max_tokens=max_tokens,
         stop=request.stop_sequences(),
         seed=request.seed,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
@@ -479,6 +500,10 @@ def request_sampling(
         repetition_penalty=pick("repetition_penalty", 1.0),
         logit_bias=tuple((int(t), b) for t, b in (request.logit_bias or {}).items()),
         structured=_structured_output(request.response_format),
+        min_tokens=request.min_tokens,
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        allowed_token_ids=tuple(allowed) if allowed is not None else None,
     )
 
 

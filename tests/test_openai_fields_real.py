@@ -1,5 +1,6 @@
 """OpenAI fields that change the answer are honoured on the real engine, in every strategy
-where they make sense: response_format, logit_bias, penalties, top_k and min_p."""
+where they make sense: response_format, logit_bias, penalties, top_k and min_p; and vLLM's
+extensions min_tokens, stop_token_ids, include_stop_str_in_output and allowed_token_ids."""
 
 from __future__ import annotations
 
@@ -170,3 +171,73 @@ def test_penalties_change_greedy_output(client: openai.OpenAI, penalty: dict) ->
         **common, **({"extra_body": penalty} if "repetition" in next(iter(penalty)) else penalty)
     )
     assert penalized.choices[0].message.content != plain
+
+
+# --- vLLM's request extensions (sent through extra_body, as to `vllm serve`) ---------------
+
+YES_NO = [{"role": "user", "content": "Is the sky green? Answer yes or no."}]
+COUNT = [{"role": "user", "content": "Count from one to ten."}]
+
+
+def test_allowed_token_ids_force_the_answer(client: openai.OpenAI) -> None:
+    options = {_token_id(" yes"): " yes", _token_id(" no"): " no"}
+    free = client.chat.completions.create(model=MODEL, messages=YES_NO, max_tokens=1, temperature=0)
+    assert free.choices[0].message.content not in options.values()
+    forced = client.chat.completions.create(
+        model=MODEL,
+        messages=YES_NO,
+        max_tokens=1,
+        temperature=1.0,
+        n=4,
+        extra_body={"allowed_token_ids": list(options)},
+    )
+    assert len(forced.choices) == 4
+    assert {choice.message.content for choice in forced.choices} <= set(options.values())
+
+
+def test_min_tokens_holds_off_a_stop_token(client: openai.OpenAI) -> None:
+    # Greedy SmolLM2 counts "1. 1\n2. 2\n...": a stop at "." ends the reply after 2 tokens.
+    common = dict(model=MODEL, messages=COUNT, max_tokens=16, temperature=0)
+    stop = {"stop_token_ids": [_token_id(".")]}
+    early = client.chat.completions.create(**common, extra_body=stop)
+    assert early.choices[0].finish_reason == "stop"
+    assert early.usage.completion_tokens == 2 and early.choices[0].message.content == "1"
+    held = client.chat.completions.create(
+        **common, logprobs=True, extra_body={**stop, "min_tokens": 8}
+    )
+    tokens = [entry.token for entry in held.choices[0].logprobs.content]
+    assert held.usage.completion_tokens == len(tokens) >= 8
+    assert "." not in tokens[:8] and tokens[0] == "1"
+
+
+@pytest.mark.parametrize(("kind", "content"), [("string", "1. 1\n2. 2\n3"), ("token", "1.")])
+def test_include_stop_str_in_output_keeps_the_stop(
+    client: openai.OpenAI, kind: str, content: str
+) -> None:
+    stop = {"stop": ["3"]} if kind == "string" else {"stop_token_ids": [_token_id(".")]}
+    common = dict(model=MODEL, messages=COUNT, max_tokens=16, temperature=0)
+    cut = client.chat.completions.create(**common, extra_body=stop)
+    kept = client.chat.completions.create(
+        **common, extra_body={**stop, "include_stop_str_in_output": True}
+    )
+    assert kept.choices[0].message.content == content
+    assert cut.choices[0].message.content == content[:-1]
+    assert kept.choices[0].finish_reason == cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"min_tokens": 9}, "min_tokens"),  # above max_tokens
+        ({"allowed_token_ids": [10**7]}, "allowed_token_ids"),  # outside the vocabulary
+        ({"stop_token_ids": [10**7]}, "stop_token_ids"),
+    ],
+)
+def test_bad_extensions_are_400s_naming_the_param(
+    client: openai.OpenAI, extra: dict, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=COUNT, max_tokens=8, extra_body=extra)
+    error = caught.value.response.json()["error"]
+    assert error["param"] == param, error
+    assert error["type"] == "invalid_request_error"

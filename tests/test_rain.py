@@ -581,7 +581,12 @@ async def test_streamed_deltas_are_the_committed_segments_and_match_run() -> Non
 
 @pytest.mark.parametrize(
     ("field", "value", "param"),
-    [("logprobs", 2, "logprobs"), ("stop", ("x",), "stop")],
+    [
+        ("logprobs", 2, "logprobs"),
+        ("stop", ("x",), "stop"),
+        ("logit_bias", ((5, 1.0),), "logit_bias"),
+        ("ignore_eos", True, "ignore_eos"),
+    ],
 )
 def test_settings_rain_cannot_honour_are_refused(field: str, value: object, param: str) -> None:
     request = AlignmentRequest(

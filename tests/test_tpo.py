@@ -598,3 +598,13 @@ def test_non_streamed_tpo_and_width_cap(tpo_server: RunningServer) -> None:
             extra_body={"strategy": "tpo", "strategy_config": {"mode": "x"}},
         )
     assert caught.value.response.json()["error"]["param"] == "strategy_config.mode"
+
+
+def test_min_tokens_above_a_response_step_limit_is_refused() -> None:
+    request = AlignmentRequest(
+        messages=(QUESTION,), sampling=SamplingSettings(max_tokens=40, min_tokens=30)
+    )
+    TPO.check(request, TPOConfig())
+    with pytest.raises(InvalidStrategyRequest) as caught:
+        TPO.check(request, TPOConfig.model_validate({"max_tokens": {"update": 20}}))
+    assert caught.value.param == "min_tokens"
