@@ -118,14 +118,14 @@ class ServerSettings(BaseSettings):
     )
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with a 429.")
     max_request_engine_tokens: int = Field(
-        262144,
+        4_194_304,
         ge=1,
         description="Compute budget of one request: engine tokens (prompt plus generated) "
         "across all of its rounds, judge calls excluded. A strategy config whose first "
         "round cannot fit is a 400; a search that reaches it stops early.",
     )
     max_request_candidates: int = Field(
-        512,
+        65_536,
         ge=1,
         description="Compute budget of one request: completions sampled across all rounds.",
     )

@@ -28,8 +28,8 @@ class Usage(Protocol):
 class ComputeBudget:
     """Limits on the engine work of one request."""
 
-    max_engine_tokens: int = 262144
-    max_candidates: int = 512
+    max_engine_tokens: int = 4_194_304
+    max_candidates: int = 65_536
 
     def check(self, candidates: int, completion_tokens: int, *, param: str) -> None:
         """Refuse a config whose first round alone cannot fit (``param`` names what to lower)."""

@@ -8,6 +8,9 @@ A run has three phases, so that scoring never competes with generation for the e
 3. reward: optionally, each output's score under a server reward client
    (``/v1/rewards/score``), reported as ``mean_reward``.
 
+Every metric comes with a 95 % confidence interval over the prompts (the suite's own, see
+:mod:`.intervals`; rewards by a bootstrap of their mean).
+
 A request that fails is recorded with its error and left out of the quality metrics;
 ``n_errors`` in the cost block says how many there were (``n_reward_errors`` likewise for
 reward scoring, whose failures are left out of ``mean_reward``).
@@ -18,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import openai
 from tqdm import tqdm
 from ttalign.benchmarks.quality.client import TtalignClient
+from ttalign.benchmarks.quality.intervals import Interval, bootstrap_mean
 from ttalign.benchmarks.quality.runs import RunSpec
 from ttalign.benchmarks.quality.suites import Item, Suite, mean
 
@@ -67,6 +71,8 @@ class RunResult:
     records: list[dict[str, Any]]
     metrics: dict[str, float | None]
     cost: dict[str, float | int | None]
+    #: 95 % confidence intervals of ``metrics``, by key, as [low, high].
+    intervals: dict[str, Interval | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +82,7 @@ class RunResult:
             "reward": self.fields.get("reward"),
             "request": self.fields,
             "metrics": self.metrics,
+            "intervals": {k: list(v) if v else None for k, v in self.intervals.items()},
             "cost": self.cost,
             "outputs": self.records,
         }
@@ -127,6 +134,7 @@ async def evaluate_run(
     for item, record in answered:
         record["scores"] = suite.score(item, record["output"])
     metrics = suite.aggregate([r["scores"] for _, r in answered])
+    intervals = suite.intervals([r["scores"] for _, r in answered])
 
     if settings.score_reward is not None or settings.always_score:
 
@@ -147,11 +155,15 @@ async def evaluate_run(
             f"{spec.label}: score",
             settings.progress,
         )
-        metrics["mean_reward"] = mean([r["reward"] for _, r in answered if r["reward"] is not None])
-    metrics["strategy_reward"] = mean(
-        [rw for _, r in answered if (rw := _first_reward(r["alignment"])) is not None]
-    )
-    return RunResult(spec, fields, records, metrics, run_cost(records, run_wall))
+        rewards = [r["reward"] for _, r in answered if r["reward"] is not None]
+        metrics["mean_reward"] = mean(rewards)
+        intervals["mean_reward"] = bootstrap_mean(rewards)
+    strategy_rewards = [
+        rw for _, r in answered if (rw := _first_reward(r["alignment"])) is not None
+    ]
+    metrics["strategy_reward"] = mean(strategy_rewards)
+    intervals["strategy_reward"] = bootstrap_mean(strategy_rewards)
+    return RunResult(spec, fields, records, metrics, run_cost(records, run_wall), intervals)
 
 
 def _first_reward(alignment: dict[str, Any]) -> float | None:
@@ -166,7 +178,10 @@ def run_cost(records: list[dict[str, Any]], run_wall: float) -> dict[str, float 
     def per_prompt(key: str) -> float | None:
         return mean([float(r["alignment"][key]) for r in answered if key in r["alignment"]])
 
-    tokens = [r["alignment"].get("engine_tokens", {}).get("completion_tokens") for r in answered]
+    def engine_tokens(kind: str) -> float | None:
+        counts = [r["alignment"].get("engine_tokens", {}).get(kind) for r in answered]
+        return mean([float(t) for t in counts if t is not None])
+
     return {
         "n_prompts": len(records),
         "n_errors": len(records) - len(answered),
@@ -178,7 +193,9 @@ def run_cost(records: list[dict[str, Any]], run_wall: float) -> dict[str, float 
         "mean_candidates_scored": per_prompt("candidates_scored"),
         "mean_reward_calls": per_prompt("reward_calls"),
         "mean_reward_seconds": per_prompt("reward_seconds"),
-        "mean_engine_completion_tokens": mean([float(t) for t in tokens if t is not None]),
+        "mean_engine_completion_tokens": engine_tokens("completion_tokens"),
+        "mean_engine_prompt_tokens": engine_tokens("prompt_tokens"),
+        "mean_engine_total_tokens": engine_tokens("total_tokens"),
         "stopped_early": sum(bool(r["alignment"].get("stopped_early")) for r in answered),
         "n_reward_errors": sum(r.get("reward_error") is not None for r in answered),
     }

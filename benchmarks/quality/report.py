@@ -30,6 +30,7 @@ COST_ROWS = (
     ("mean_reward_calls", "reward calls per prompt"),
     ("mean_reward_seconds", "reward scoring time per prompt (s)"),
     ("mean_engine_completion_tokens", "completion tokens generated per prompt"),
+    ("mean_engine_total_tokens", "engine tokens per prompt (prompt + generated, all calls)"),
     ("run_wall_seconds", "wall time of the whole run (s)"),
     ("stopped_early", "prompts stopped early at a deadline"),
 )
@@ -51,8 +52,20 @@ def format_value(value: float | int | None, percent: bool = False) -> str:
     return f"{value:.3f}"
 
 
+def format_interval(
+    value: float | int | None, interval: list[float] | None, percent: bool = False
+) -> str:
+    """``45.0% [38.1–52.0]``, or the value alone where no interval was measured."""
+    shown = format_value(value, percent)
+    if value is None or not interval:
+        return shown
+    low, high = (f"{100 * x:.1f}" if percent else f"{x:.3f}" for x in interval)
+    return f"{shown} [{low}–{high}]"
+
+
 def markdown_table(document: dict[str, Any]) -> str:
-    """A table with one column per run: quality metrics, rewards, then cost per prompt."""
+    """A table with one column per run: quality metrics (with their 95 % intervals where the
+    result has them), rewards, then cost per prompt."""
     runs = document["runs"]
     header = "| metric | " + " | ".join(_cell(r["label"]) for r in runs) + " |"
     rule = "|---|" + "---:|" * len(runs)
@@ -61,17 +74,18 @@ def markdown_table(document: dict[str, Any]) -> str:
     def row(name: str, values: list[str]) -> None:
         lines.append(f"| {name} | " + " | ".join(values) + " |")
 
+    def cell(run: dict[str, Any], key: str, percent: bool) -> str:
+        interval = (run.get("intervals") or {}).get(key)
+        return format_interval(run["metrics"].get(key), interval, percent)
+
     for metric in document["metrics"]:
-        row(
-            metric["description"],
-            [format_value(r["metrics"].get(metric["key"]), metric["percent"]) for r in runs],
-        )
+        row(metric["description"], [cell(r, metric["key"], metric["percent"]) for r in runs])
     scored = document["settings"]["scored"]
     for key, description, percent in REWARD_ROWS:
         if (key == "mean_reward" and scored) or any(
             r["metrics"].get(key) is not None for r in runs
         ):
-            row(description, [format_value(r["metrics"].get(key), percent) for r in runs])
+            row(description, [cell(r, key, percent) for r in runs])
     row("prompts (failed requests)", [_count(r["cost"]) for r in runs])
     if scored:
         row("outputs the score reward failed on", [str(r["cost"]["n_reward_errors"]) for r in runs])
@@ -79,6 +93,8 @@ def markdown_table(document: dict[str, Any]) -> str:
         row(description, [format_value(r["cost"].get(key)) for r in runs])
 
     settings = document["settings"]
+    if any(r.get("intervals") for r in runs):
+        lines += ["", "Brackets: 95 % confidence intervals over the prompts."]
     lines += [
         "",
         f"Data: `{document['data_file']}`"
@@ -108,7 +124,8 @@ def plot(document: dict[str, Any], path: Path) -> None:
     """Each plotted metric against candidates generated per prompt, one point per run.
 
     Runs of one strategy are joined by a line, so a strategy's curve over its sample counts
-    can be read against the baseline's point at one candidate.
+    can be read against the baseline's point at one candidate. Error bars are the 95 %
+    intervals, where the result has them.
     """
     legend = {m["key"]: m for m in document["metrics"]}
     keys = document["plot_metrics"]
@@ -117,19 +134,30 @@ def plot(document: dict[str, Any], path: Path) -> None:
     for ax, key in zip(axes, keys, strict=True):
         percent = legend.get(key, {}).get("percent", False)
         scale = 100.0 if percent else 1.0
-        by_strategy: dict[str, list[tuple[float, float, str]]] = {}
+        by_strategy: dict[str, list[tuple[float, float, str, list[float] | None]]] = {}
         for run in document["runs"]:
             x = run["cost"].get("mean_candidates_generated")
             y = run["metrics"].get(key)
             if x is None or y is None:
                 continue
-            by_strategy.setdefault(run["strategy"], []).append((x, y * scale, run["label"]))
+            interval = (run.get("intervals") or {}).get(key)
+            by_strategy.setdefault(run["strategy"], []).append(
+                (x, y * scale, run["label"], interval)
+            )
         for strategy, points in by_strategy.items():
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=strategy)
-            for x, y, label in points:
+            points.sort(key=lambda point: point[:2])
+            line = ax.plot(
+                [p[0] for p in points], [p[1] for p in points], marker="o", label=strategy
+            )[0]
+            for x, y, _, interval in points:
+                if interval:
+                    low, high = (scale * v for v in interval)
+                    ax.errorbar(
+                        x, y, yerr=[[y - low], [high - y]], color=line.get_color(), capsize=3
+                    )
+            for x, y, label, _ in points:
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        xs = [x for points in by_strategy.values() for x, _, _ in points]
+        xs = [p[0] for points in by_strategy.values() for p in points]
         if xs and min(xs) > 0:
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(ScalarFormatter())

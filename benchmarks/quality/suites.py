@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ttalign.benchmarks.quality.intervals import Interval
+
 
 @dataclass(frozen=True)
 class Item:
@@ -61,14 +63,19 @@ class Suite(ABC):
     def aggregate(self, scored: list[dict[str, Any]]) -> dict[str, float | None]:
         """The suite's metrics over the per-item scores of one run."""
 
+    def intervals(self, scored: list[dict[str, Any]]) -> dict[str, Interval | None]:
+        """95 % confidence intervals of the metrics, by key (:mod:`.intervals`)."""
+        return {}
+
 
 def suites() -> dict[str, Suite]:
     """The prompt sets by name."""
     from ttalign.benchmarks.quality.alpaca import AlpacaEval
-    from ttalign.benchmarks.quality.ifeval import IFEval
+    from ttalign.benchmarks.quality.ifeval import IFEval, IFEvalPrefixCheckable
     from ttalign.benchmarks.quality.xstest import XSTest
 
-    return {suite.name: suite for suite in (IFEval(), XSTest(), AlpacaEval())}
+    every = (IFEval(), IFEvalPrefixCheckable(), XSTest(), AlpacaEval())
+    return {suite.name: suite for suite in every}
 
 
 def mean(values: list[float]) -> float | None:
