@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -134,6 +135,10 @@ class SentenceEmbedder:
         # One load and one forward pass at a time: concurrent first calls load once, and
         # concurrent passes would only fight over the cores.
         self._lock = asyncio.Lock()
+        # A cancelled caller releases the asyncio lock while its forward pass still runs in
+        # its thread; this lock keeps the next pass (and close) from using the tokenizer
+        # at the same time, which the Rust tokenizer refuses ("Already borrowed").
+        self._thread_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -147,6 +152,10 @@ class SentenceEmbedder:
 
     async def close(self) -> None:
         async with self._lock:
+            await asyncio.to_thread(self._unload)
+
+    def _unload(self) -> None:
+        with self._thread_lock:
             self._model = self._tokenizer = None
 
     def _load(self) -> None:
@@ -156,6 +165,10 @@ class SentenceEmbedder:
         self._model = AutoModel.from_pretrained(self.path, local_files_only=True).eval()
 
     def _forward(self, texts: list[str]) -> np.ndarray:
+        with self._thread_lock:
+            return self._forward_locked(texts)
+
+    def _forward_locked(self, texts: list[str]) -> np.ndarray:
         import torch
 
         if self._model is None:

@@ -20,6 +20,7 @@ holds them. Beyond the reference:
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -80,6 +81,8 @@ from ttalign.strategies.registry import register_strategy
 from ttalign.strategies.sampling import offset_seed
 from ttalign.strategies.tpo_prompts import render_query
 from ttalign.strategies.trajectory import Trajectory
+
+logger = logging.getLogger(__name__)
 
 #: Rounds in a row whose evaluation failed before the search gives up on its evaluator.
 MAX_FAILED_EVALUATIONS = 3
@@ -185,6 +188,7 @@ class SearchStats:
     simulations: int = 0
     widenings: int = 0
     evaluator_errors: int = 0
+    embedding_errors: int = 0
 
 
 @dataclass
@@ -403,7 +407,12 @@ class RainSearch:
         if self.embedder is None:
             return [[None] * len(r.leaf.path()) for r in rollouts]
         texts = [text for r in rollouts for text in r.suffixes]
-        vectors = await self.embedder.embed(texts) if texts else np.zeros((0, 1))
+        try:
+            vectors = await self.embedder.embed(texts) if texts else np.zeros((0, 1))
+        except Exception as exc:  # the search goes on without this round's similarity update
+            logger.warning("RAIN: embedding failed, round backed up without it: %r", exc)
+            self.stats.embedding_errors += 1
+            return [[None] * len(r.leaf.path()) for r in rollouts]
         result, start = [], 0
         for r in rollouts:
             result.append(list(vectors[start : start + len(r.suffixes)]))

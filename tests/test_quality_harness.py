@@ -7,12 +7,21 @@ import json
 import pytest
 from ttalign.benchmarks import evaluate
 from ttalign.benchmarks.quality.harness import run_cost
-from ttalign.benchmarks.quality.ifeval import IFEval, ifeval_metrics
+from ttalign.benchmarks.quality.ifeval import (
+    PREFIX_CHECKABLE,
+    IFEval,
+    IFEvalPrefixCheckable,
+    ifeval_intervals,
+    ifeval_metrics,
+    prefix_checkable,
+)
+from ttalign.benchmarks.quality.intervals import bootstrap_mean, bootstrap_ratio, wilson
 from ttalign.benchmarks.quality.refusal import classify_refusal, is_refusal
-from ttalign.benchmarks.quality.report import format_value, markdown_table
+from ttalign.benchmarks.quality.report import format_interval, format_value, markdown_table
 from ttalign.benchmarks.quality.runs import RunSpec, RunSpecError, check_unique_labels, parse_run
 from ttalign.benchmarks.quality.suites import Item
-from ttalign.benchmarks.quality.xstest import xstest_metrics
+from ttalign.benchmarks.quality.xstest import XSTest, xstest_metrics
+from ttalign.reward_clients.ifeval_checks import check_instruction
 
 from tests.conftest import SHARED_EVAL
 from tests.servers import RunningServer
@@ -76,6 +85,235 @@ def test_ifeval_loader_drops_unused_kwargs(tmp_path) -> None:
     assert item.meta["instructions"] == [
         ("length_constraints:number_words", {"relation": "at least", "num_words": 5})
     ]
+
+
+# --- IFEval's prefix-checkable subset ------------------------------------------------------
+
+#: Prefix-checkable instructions, each with replies that pass it.
+PASSING = [
+    ("punctuation:no_comma", {}, ["Rain falls on the quiet hills. Then the sun comes out."]),
+    (
+        "keywords:letter_frequency",
+        {"letter": "t", "let_frequency": 4, "let_relation": "less than"},
+        ["Rain falls on a hill. Then it dries."],
+    ),
+    (
+        "keywords:frequency",
+        {"keyword": "the", "frequency": 2, "relation": "less than"},
+        ["Rain falls on the hills, and it stops soon."],
+    ),
+    (
+        "keywords:forbidden_words",
+        {"forbidden_words": ["rock", "stone"]},
+        ["Rocky hills, stony paths: we walk. Rocks? No."],
+    ),
+    (
+        "length_constraints:number_words",
+        {"num_words": 9, "relation": "less than"},
+        ["Rain falls on the quiet hills today."],
+    ),
+    (
+        "length_constraints:number_sentences",
+        {"num_sentences": 3, "relation": "less than"},
+        ["Dr. Smith met J. K. Rowling in the U.S. in May. They talked."],
+    ),
+    (
+        "change_case:capital_word_frequency",
+        {"capital_frequency": 2, "capital_relation": "less than"},
+        ["It is NOT raining. Is it? It stopped."],
+    ),
+]
+
+#: What may follow a failing prefix in the test below.
+CONTINUATIONS = ["", " and", ", then", ". Then more words follow.", "\n\nA new PARAGRAPH, here."]
+
+
+def _word_prefixes(reply: str) -> list[str]:
+    """Every non-empty prefix of ``reply`` that ends before a space (a whole word)."""
+    return [reply[:i] for i, char in enumerate(reply) if char == " " and reply[:i].strip()]
+
+
+@pytest.mark.parametrize(("instruction", "kwargs", "replies"), PASSING)
+def test_prefix_checkable_instructions_only_get_stricter(instruction, kwargs, replies) -> None:
+    assert prefix_checkable(instruction, kwargs)
+    for reply in replies:
+        assert check_instruction(instruction, kwargs, reply), reply
+        # Whatever passes, each of its whole-word prefixes passed ...
+        for prefix in _word_prefixes(reply):
+            assert check_instruction(instruction, kwargs, prefix), prefix
+    # ... and a violation, once in a prefix, stays in every continuation.
+    failing = {
+        "punctuation:no_comma": "Rain, then sun",
+        "keywords:letter_frequency": "that tent",
+        "keywords:frequency": "the cat and the dog",
+        "keywords:forbidden_words": "a Rock in",
+        "length_constraints:number_words": "one two three four five six seven eight nine",
+        "length_constraints:number_sentences": "One. Two. Three.",
+        "change_case:capital_word_frequency": "NOT EVER in",
+    }[instruction]
+    for tail in CONTINUATIONS:
+        assert not check_instruction(instruction, kwargs, failing + tail), failing + tail
+
+
+@pytest.mark.parametrize(
+    ("instruction", "kwargs", "prefix", "reply"),
+    [
+        # The word-boundary caveat of three of them: cut inside a word, a failure can undo.
+        ("keywords:forbidden_words", {"forbidden_words": ["rock"]}, "Rock", "Rocky hills."),
+        (
+            "change_case:capital_word_frequency",
+            {"capital_frequency": 1, "capital_relation": "less than"},
+            "I",
+            "It rains.",
+        ),
+        (
+            "length_constraints:number_sentences",
+            {"num_sentences": 2, "relation": "less than"},
+            "J. S",
+            "J. Smith",
+        ),
+    ],
+)
+def test_prefix_cut_inside_a_word_can_still_pass(instruction, kwargs, prefix, reply) -> None:
+    assert prefix_checkable(instruction, kwargs)
+    assert reply.startswith(prefix) and reply[len(prefix)].isalnum()
+    assert not check_instruction(instruction, kwargs, prefix)
+    assert check_instruction(instruction, kwargs, reply)
+
+
+@pytest.mark.parametrize(
+    ("instruction", "kwargs", "prefix", "reply"),
+    [
+        # langdetect calls a short English prefix another language.
+        (
+            "change_case:english_lowercase",
+            {},
+            "last summer we went",
+            "last summer we went to the beach and swam every day.",
+        ),
+        (
+            "change_case:english_capital",
+            {},
+            "LAST SUMMER WE",
+            "LAST SUMMER WE WENT TO THE BEACH AND SWAM EVERY DAY.",
+        ),
+        ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "One", "One *** Two"),
+        (
+            "length_constraints:number_words",
+            {"num_words": 3, "relation": "at least"},
+            "one two",
+            "one two three",
+        ),
+        (
+            "keywords:letter_frequency",
+            {"letter": "a", "let_frequency": 2, "let_relation": "at least"},
+            "a",
+            "a banana",
+        ),
+        ("keywords:existence", {"keywords": ["sun"]}, "Rain and", "Rain and sun"),
+        ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Hi", "Hi\nP.S. bye"),
+        ("startend:quotation", {}, '"Hi', '"Hi there"'),
+        (
+            "combination:repeat_prompt",
+            {"prompt_to_repeat": "Say hi twice"},
+            "Say hi",
+            "Say hi twice. Hi hi",
+        ),
+    ],
+)
+def test_excluded_instructions_can_pass_after_a_failing_prefix(
+    instruction, kwargs, prefix, reply
+) -> None:
+    assert not prefix_checkable(instruction, kwargs)
+    assert reply.startswith(prefix)
+    assert not check_instruction(instruction, kwargs, prefix)
+    assert check_instruction(instruction, kwargs, reply)
+
+
+def test_prefix_checkable_needs_literal_keywords_and_less_than() -> None:
+    assert prefix_checkable("keywords:forbidden_words", {"forbidden_words": ["don't", "x-ray"]})
+    assert not prefix_checkable("keywords:forbidden_words", {"forbidden_words": ["a+"]})
+    assert not prefix_checkable("keywords:frequency", {"keyword": "a|b", "relation": "less than"})
+    assert not prefix_checkable("keywords:frequency", {"keyword": "the", "relation": "at least"})
+    assert not prefix_checkable("length_constraints:number_sentences", {"relation": "at least"})
+    assert not prefix_checkable("no:such_instruction", {})
+
+
+def test_ifeval_prefix_suite_keeps_prompts_whose_every_instruction_is_checkable(tmp_path) -> None:
+    def row(key: int, *instructions: tuple[str, dict]) -> str:
+        return json.dumps(
+            {
+                "key": key,
+                "prompt": "p",
+                "instruction_id_list": [i for i, _ in instructions],
+                "kwargs": [k for _, k in instructions],
+            }
+        )
+
+    path = tmp_path / "ifeval.jsonl"
+    no_comma = ("punctuation:no_comma", {})
+    short = ("length_constraints:number_words", {"relation": "less than", "num_words": 50})
+    long = ("length_constraints:number_words", {"relation": "at least", "num_words": 50})
+    lowercase = ("change_case:english_lowercase", {})
+    rows = [row(1, no_comma), row(2, no_comma, long), row(3, short, no_comma), row(4, lowercase)]
+    path.write_text("\n".join(rows))
+    assert [item.id for item in IFEvalPrefixCheckable().load(path)] == ["1", "3"]
+    assert len(IFEval().load(path)) == 4
+
+
+def test_ifeval_prefix_subset_of_the_dev_set() -> None:
+    items = IFEvalPrefixCheckable().load(SHARED_EVAL / IFEval.filename)
+    assert len(items) == 44
+    used = {iid for item in items for iid, _ in item.meta["instructions"]}
+    assert used == set(PREFIX_CHECKABLE)  # each listed instruction occurs in the subset
+
+
+# --- confidence intervals ------------------------------------------------------------------
+
+
+def test_wilson_interval() -> None:
+    low, high = wilson(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4)
+    assert high == pytest.approx(0.7634, abs=1e-4)
+    low, high = wilson(0, 10)
+    assert low == 0.0
+    assert high == pytest.approx(0.2775, abs=1e-4)  # not a point at 0 %
+    assert wilson(0, 0) is None
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_are_reproducible() -> None:
+    values = [0.0, 0.2, 0.4, 0.9, 1.0, 0.5, 0.3, 0.7]
+    low, high = bootstrap_mean(values)
+    assert low < sum(values) / len(values) < high
+    assert bootstrap_mean(values) == (low, high)
+    assert bootstrap_mean([0.5] * 4) == (0.5, 0.5)
+    assert bootstrap_mean([]) is None
+    # A ratio of sums: 3 of 6 instructions pass, clustered in 3 prompts.
+    low, high = bootstrap_ratio([2, 1, 0], [2, 2, 2])
+    assert 0.0 <= low < 0.5 < high <= 1.0
+
+
+def test_ifeval_and_xstest_intervals() -> None:
+    scored = [
+        {"strict": [True, True], "loose": [True, True]},
+        {"strict": [True, False], "loose": [True, True]},
+        {"strict": [False], "loose": [False]},
+        {"strict": [True, True, False], "loose": [True, True, True]},
+    ]
+    intervals = ifeval_intervals(scored)
+    assert intervals["prompt_strict"] == wilson(1, 4)
+    low, high = intervals["instruction_strict"]
+    assert low < 5 / 8 < high
+    xs = XSTest().intervals(
+        [
+            {"label": "safe", "class": "full_compliance"},
+            {"label": "safe", "class": "partial_refusal"},
+            {"label": "unsafe", "class": "full_refusal"},
+        ]
+    )
+    assert xs["refusal_rate_safe"] == wilson(1, 2)
+    assert xs["full_refusal_rate_safe"] == wilson(0, 2)
+    assert xs["refusal_rate_unsafe"] == wilson(1, 1)
 
 
 # --- XSTest refusal classifier -------------------------------------------------------------
@@ -166,6 +404,17 @@ def test_duplicate_labels_are_refused() -> None:
         check_unique_labels([parse_run("none"), parse_run("none")])
 
 
+def test_select_items_first_or_a_seeded_sample() -> None:
+    items = [Item(str(i), f"p{i}") for i in range(10)]
+    assert evaluate.select_items(items, None, 3) == items
+    assert evaluate.select_items(items, 3, None) == items[:3]
+    sample = evaluate.select_items(items, 4, 0)
+    assert len(sample) == 4 and sample != items[:4]
+    assert [int(i.id) for i in sample] == sorted(int(i.id) for i in sample)  # file order
+    assert evaluate.select_items(items, 4, 0) == sample  # reproducible
+    assert evaluate.select_items(items, 4, 1) != sample
+
+
 # --- cost and report -----------------------------------------------------------------------
 
 
@@ -200,6 +449,13 @@ def test_run_cost_means_over_answered_prompts() -> None:
     assert cost["mean_engine_completion_tokens"] == 40.0
     assert cost["mean_reward_seconds"] == 0.25
     assert cost["stopped_early"] == 0
+
+
+def test_format_interval() -> None:
+    assert format_interval(0.25, [0.1, 0.5], percent=True) == "25.0% [10.0–50.0]"
+    assert format_interval(0.512, [0.4, 0.6]) == "0.512 [0.400–0.600]"
+    assert format_interval(0.25, None, percent=True) == "25.0%"
+    assert format_interval(None, [0.1, 0.2]) == "n/a"
 
 
 def test_format_value() -> None:
@@ -238,6 +494,9 @@ def test_markdown_table_puts_runs_side_by_side() -> None:
     lines = table.splitlines()
     assert "| metric | none | best_of_n(n=2) |" in lines
     assert "| prompt strict | 25.0% | 50.0% |" in lines
+    assert "Brackets: 95 % confidence intervals over the prompts." not in lines
+    document["runs"][1]["intervals"] = {"prompt_strict": [0.3, 0.7]}
+    assert "| prompt strict | 25.0% | 50.0% [30.0–70.0] |" in markdown_table(document).splitlines()
     assert "| reward of the returned choice, as the strategy scored it | n/a | 0.750 |" in lines
     assert "| prompts (failed requests) | 1 (0) | 1 (0) |" in lines
     assert "| candidates generated per prompt | 2 | 2 |" in lines
@@ -296,9 +555,41 @@ def test_harness_end_to_end_on_fake_server(fake_server: RunningServer, tmp_path)
         assert all(o["output"].startswith("candidate ") for o in run["outputs"])
         for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
             assert 0.0 <= run["metrics"][key] <= 1.0
+            low, high = run["intervals"][key]
+            assert 0.0 <= low <= run["metrics"][key] <= high <= 1.0
         assert 0.0 <= run["metrics"]["mean_reward"] <= 1.0
+        low, high = run["intervals"]["mean_reward"]
+        assert low <= run["metrics"]["mean_reward"] <= high
+        cost = run["cost"]
+        assert cost["mean_engine_total_tokens"] > cost["mean_engine_completion_tokens"] > 0
     assert "| metric | none | bon2 |" in paths["md"].read_text()
     assert paths["png"].read_bytes().startswith(b"\x89PNG")
 
     redrawn = evaluate.main(["--render", str(paths["json"]), "--output-dir", str(tmp_path / "re")])
     assert redrawn["md"].read_text() == paths["md"].read_text()
+
+
+def test_ifeval_prefix_suite_end_to_end(fake_server: RunningServer, tmp_path) -> None:
+    paths = evaluate.main(
+        [
+            "ifeval-prefix",
+            "--base-url",
+            fake_server.base_url,
+            "--data-dir",
+            str(SHARED_EVAL),
+            "--limit",
+            "2",
+            "--max-tokens",
+            "16",
+            "--run",
+            "none",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    document = json.loads(paths["json"].read_text())
+    assert document["suite"] == "ifeval-prefix"
+    subset = IFEvalPrefixCheckable().load(SHARED_EVAL / IFEval.filename)
+    [run] = document["runs"]
+    assert [o["id"] for o in run["outputs"]] == [item.id for item in subset[:2]]

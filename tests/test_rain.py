@@ -600,3 +600,14 @@ def test_settings_rain_cannot_honour_are_refused(field: str, value: object, para
 def test_a_reward_is_needed_only_by_the_reward_evaluator() -> None:
     assert not Rain().needs_reward(RainConfig())
     assert Rain().needs_reward(RainConfig(evaluator="reward"))
+
+
+async def test_an_embedder_failure_only_skips_that_rounds_similarity_update() -> None:
+    class Broken(UnitEmbedder):
+        async def embed(self, texts: Sequence[str]) -> np.ndarray:
+            raise RuntimeError("Already borrowed")
+
+    ctx = make_ctx(FakeEngine(WordModel()), max_tokens=3)
+    run = search(ctx, ScriptedEvaluator(lambda r: 1.0), Broken())
+    choice = await run.run()
+    assert choice.num_tokens == 3 and run.stats.embedding_errors > 0

@@ -172,9 +172,15 @@ async def test_a_disconnect_aborts_the_whole_search(real_server: RunningServer) 
     await until(lambda: engine.engine_running_requests() == 0, timeout=10)
 
     stream = await client.chat.completions.create(**standard, stream=True, extra_body=payload)
-    async for _chunk in stream:
-        break
-    await until(lambda: engine.engine_running_requests() > 0)
+    seen = []
+    async for chunk in stream:
+        seen.append(chunk)
+        progress = (chunk.model_extra or {}).get("alignment_progress") or {}
+        if progress.get("iterations", 0) > 4 and engine.engine_running_requests() > 0:
+            break
+        assert not (chunk.choices and chunk.choices[0].finish_reason), seen
+    else:
+        raise AssertionError(f"the stream ended before the search got going: {seen}")
     await stream.close()
     await until(lambda: engine.engine_running_requests() == 0, timeout=10)
     await client.close()
