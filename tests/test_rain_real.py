@@ -18,7 +18,7 @@ MODEL = "smollm2"
 QUESTION = [{"role": "user", "content": "Name one thing people like about the sea."}]
 #: Small enough for CI: a few commits of 1, 2, 4 and 10 tokens.
 MAX_TOKENS = 12
-FAST = {"max_iterations": 12, "simulation_max_tokens": 12}
+FAST = {"max_iterations": 8, "simulation_max_tokens": 8}
 PREFIX_RULES = [{"type": "keywords", "forbidden": ["the"]}, {"type": "case", "case": "lower"}]
 
 
