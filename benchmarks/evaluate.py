@@ -4,7 +4,10 @@ Examples (server on port 8011)::
 
     python -m ttalign.benchmarks.evaluate ifeval --base-url http://127.0.0.1:8011 --reward rules \\
         --run none --run 'best_of_n:{"n":2}' --run 'best_of_n:{"n":4}' --run 'best_of_n:{"n":8}'
-    python -m ttalign.benchmarks.evaluate xstest --base-url http://127.0.0.1:8011 --run none
+    python -m ttalign.benchmarks.evaluate xstest --base-url http://127.0.0.1:8011 --run none \\
+        --limit 100 --sample-seed 0
+    python -m ttalign.benchmarks.evaluate ifeval-prefix --reward rules --score-reward rules \\
+        --run none --run 'rain:{"evaluator":"reward"}'
     python -m ttalign.benchmarks.evaluate alpaca --score-reward judge \\
         --run none --run 'best_of_n:{"n":4}'
 
@@ -19,6 +22,7 @@ import asyncio
 import datetime
 import json
 import os
+import random
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -28,7 +32,7 @@ from ttalign.benchmarks.quality.client import TtalignClient
 from ttalign.benchmarks.quality.harness import EvalSettings, RunResult, evaluate_run
 from ttalign.benchmarks.quality.report import metric_legend, write_result
 from ttalign.benchmarks.quality.runs import RunSpec, RunSpecError, check_unique_labels, parse_run
-from ttalign.benchmarks.quality.suites import Suite, suites
+from ttalign.benchmarks.quality.suites import Item, Suite, suites
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "eval"
@@ -68,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=int, help="evaluate only the first N items")
     parser.add_argument(
+        "--offset", type=int, default=0, help="skip the first K items (after --sample-seed)"
+    )
+    parser.add_argument(
+        "--sample-seed",
+        type=int,
+        metavar="SEED",
+        help="take the items in a seeded random order (then --offset and --limit), for "
+        "files ordered by category (XSTest is, by prompt type); consecutive --offset "
+        "chunks of one seed never overlap",
+    )
+    parser.add_argument(
         "--concurrency", type=int, default=4, help="requests in flight (%(default)s)"
     )
     parser.add_argument("--max-tokens", type=int, default=512, help="per reply (%(default)s)")
@@ -102,13 +117,15 @@ async def evaluate(
     base_url: str,
     data_file: Path,
     limit: int | None = None,
+    sample_seed: int | None = None,
+    offset: int = 0,
     model: str | None = None,
     api_key: str = "EMPTY",
     timeout: float = 900.0,
     max_retries: int = 2,
 ) -> dict[str, object]:
     """Every run of ``specs`` over ``suite``, one after another; returns the JSON document."""
-    items = suite.load(data_file)[:limit]
+    items = select_items(suite.load(data_file), limit, sample_seed, offset)
     client = TtalignClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
     try:
         model = model or await client.model()
@@ -133,6 +150,8 @@ async def evaluate(
         "server": {"base_url": client.base_url, "model": model},
         "data_file": _shown_path(data_file),
         "limit": limit,
+        "sample_seed": sample_seed,
+        "offset": offset,
         "settings": {
             "sampling": settings.sampling(),
             **{k: v for k, v in asdict(settings).items() if k != "progress"},
@@ -142,6 +161,16 @@ async def evaluate(
         "plot_metrics": list(suite.plot_metrics),
         "runs": [r.to_json() for r in results],
     }
+
+
+def select_items(
+    items: list[Item], limit: int | None, sample_seed: int | None, offset: int = 0
+) -> list[Item]:
+    """``limit`` items from ``offset`` on, in file order or in a random order of ``sample_seed``."""
+    if sample_seed is not None:
+        items = random.Random(sample_seed).sample(items, len(items))
+    items = items[offset:]
+    return items if limit is None else items[:limit]
 
 
 def _shown_path(path: Path) -> str:
@@ -198,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                 base_url=args.base_url,
                 data_file=args.data_dir / suite.filename,
                 limit=args.limit,
+                sample_seed=args.sample_seed,
+                offset=args.offset,
                 model=args.model,
                 api_key=args.api_key,
                 timeout=args.timeout,

@@ -404,15 +404,19 @@ def test_duplicate_labels_are_refused() -> None:
         check_unique_labels([parse_run("none"), parse_run("none")])
 
 
-def test_select_items_first_or_a_seeded_sample() -> None:
+def test_select_items_in_file_order_or_a_seeded_order() -> None:
     items = [Item(str(i), f"p{i}") for i in range(10)]
-    assert evaluate.select_items(items, None, 3) == items
+    assert evaluate.select_items(items, None, None) == items
     assert evaluate.select_items(items, 3, None) == items[:3]
+    assert evaluate.select_items(items, 3, None, offset=8) == items[8:]
     sample = evaluate.select_items(items, 4, 0)
     assert len(sample) == 4 and sample != items[:4]
-    assert [int(i.id) for i in sample] == sorted(int(i.id) for i in sample)  # file order
     assert evaluate.select_items(items, 4, 0) == sample  # reproducible
     assert evaluate.select_items(items, 4, 1) != sample
+    # Chunks of one seed partition the items.
+    chunks = [evaluate.select_items(items, 4, 0, offset=k) for k in (0, 4, 8)]
+    assert chunks[0] == sample
+    assert sorted(int(i.id) for chunk in chunks for i in chunk) == list(range(10))
 
 
 # --- cost and report -----------------------------------------------------------------------

@@ -98,7 +98,7 @@ def markdown_table(document: dict[str, Any]) -> str:
     lines += [
         "",
         f"Data: `{document['data_file']}`"
-        + (f", first {document['limit']} items" if document.get("limit") else "")
+        + _subset(document)
         + f". Server: {document['server']['base_url']}. Created {document['created']}.",
         "Sampling: "
         + ", ".join(f"{k}={v}" for k, v in settings["sampling"].items())
@@ -110,6 +110,15 @@ def markdown_table(document: dict[str, Any]) -> str:
     ]
     lines += [f"- `{r['label']}`: `{json.dumps(r['request'], sort_keys=True)}`" for r in runs]
     return "\n".join(lines) + "\n"
+
+
+def _subset(document: dict[str, Any]) -> str:
+    seed, offset, limit = (document.get(k) for k in ("sample_seed", "offset", "limit"))
+    if seed is None and not offset and not limit:
+        return ""
+    order = "file order" if seed is None else f"random order of seed {seed}"
+    span = f"{limit} items" if limit else "the items"
+    return f", {span} from position {offset or 0} in {order}"
 
 
 def _cell(text: str) -> str:
