@@ -505,6 +505,9 @@ def test_markdown_table_puts_runs_side_by_side() -> None:
     assert "| prompts (failed requests) | 1 (0) | 1 (0) |" in lines
     assert "| candidates generated per prompt | 2 | 2 |" in lines
     assert "mean reward of the outputs" not in table  # nobody measured it
+    assert "Notes:" not in table
+    document["notes"] = ["measured under shared load"]
+    assert markdown_table(document).endswith("Notes:\n\n- measured under shared load\n")
 
 
 # --- end to end over the fake engine -------------------------------------------------------

@@ -109,6 +109,8 @@ def markdown_table(document: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"- `{r['label']}`: `{json.dumps(r['request'], sort_keys=True)}`" for r in runs]
+    if document.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in document["notes"]]
     return "\n".join(lines) + "\n"
 
 
