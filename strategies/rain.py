@@ -757,6 +757,7 @@ class Rain(Strategy[RainConfig]):
             "evaluated_texts": evaluator.evaluated,
             "evaluator_cache_hits": evaluator.cache_hits,
             "similarity": embedder is not None,
+            "stopped_by": next((s.stop_cause for s in searches if s.stop_cause), None),
             "search_seconds": round(time.monotonic() - started, 4),
         }
         trace = None

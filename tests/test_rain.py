@@ -611,3 +611,15 @@ async def test_an_embedder_failure_only_skips_that_rounds_similarity_update() ->
     run = search(ctx, ScriptedEvaluator(lambda r: 1.0), Broken())
     choice = await run.run()
     assert choice.num_tokens == 3 and run.stats.embedding_errors > 0
+
+
+async def test_the_alignment_metadata_says_why_a_search_stopped_early() -> None:
+    ctx = rain_ctx(FakeEngine(WordModel(), delay=0.05))
+    ctx.request = AlignmentRequest(
+        messages=(QUESTION,), sampling=SamplingSettings(max_tokens=40, seed=3)
+    )
+    ctx.deadline = __import__("time").monotonic() + 0.3
+    result = await Rain().run(ctx, RainConfig(evaluator="reward"))
+    assert result.stopped_early and result.metadata["stopped_by"] == "deadline"
+    finished = await Rain().run(rain_ctx(FakeEngine(WordModel())), RainConfig(evaluator="reward"))
+    assert finished.metadata["stopped_by"] is None
