@@ -383,7 +383,7 @@ class RainSearch:
         room = self._room_after(leaf)
         boundary = reached.endswith(tuple(self.config.simulation_stops))
         if not leaf.terminal and room > 0 and not (boundary and path):
-            generation = await self._generate(
+            generation = await self.ctx.generate(
                 self.trajectory.prompt(leaf.tokens()),
                 SamplingSettings(
                     n=1,
@@ -444,7 +444,7 @@ class RainSearch:
             smooth_priors(leaf, self.tree)
 
     async def _expand_by_top_tokens(self, leaf: Node, width: int) -> None:
-        generation = await self._generate(
+        generation = await self.ctx.generate(
             self.trajectory.prompt(leaf.tokens()),
             SamplingSettings(
                 n=1,
@@ -472,9 +472,9 @@ class RainSearch:
 
     async def _expand_by_sampling(self, leaf: Node, length: int) -> None:
         prompt = self.trajectory.prompt(leaf.tokens())
-        calls = [self._generate(prompt, self._greedy(length))]
+        calls = [self.ctx.generate(prompt, self._greedy(length))]
         if self.config.width > 1:
-            calls.append(self._generate(prompt, self._sampled(self.config.width - 1, length)))
+            calls.append(self.ctx.generate(prompt, self._sampled(self.config.width - 1, length)))
         generations = await gather_or_cancel(*calls)
         candidates = _distinct_segments(generations, self.ctx.engine.eos_token_ids)
         if not candidates:
@@ -502,7 +502,7 @@ class RainSearch:
             self._add_widened(node, segment, probability, text, segment[0] in eos)
             return
         length = len(node.children[0].segment)
-        generation = await self._generate(
+        generation = await self.ctx.generate(
             self.trajectory.prompt(node.tokens()), self._sampled(2, length)
         )
         known = {child.segment for child in node.children}
@@ -537,9 +537,6 @@ class RainSearch:
             logprobs=0,
             seed=self._next_seed(),
         )
-
-    async def _generate(self, prompt: list[int], sampling: SamplingSettings) -> Generation:
-        return await self.ctx.generate(prompt, sampling)
 
     def _next_seed(self) -> int | None:
         self._calls += 1

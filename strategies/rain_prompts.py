@@ -10,9 +10,10 @@ Placeholders are ``{criterion}``, ``{query}``, ``{reply}``, ``{option_a}`` and
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from ttalign.strategies.templates import fill
 
 #: The question, with the parts that never change first (the prefix cache keeps them).
 QUESTION = (
@@ -68,12 +69,6 @@ RUBRICS: dict[str, Rubric] = {
 #: The option letters, in the order the question lists them.
 LETTERS = ("A", "B")
 
-_PLACEHOLDER = re.compile(r"\{(criterion|query|reply|option_a|option_b)\}")
-
-
-def _fill(template: str, **values: str) -> str:
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
-
 
 @dataclass(frozen=True)
 class EvaluationPrompts:
@@ -99,7 +94,7 @@ class EvaluationPrompts:
             if good_first
             else (self.rubric.bad, self.rubric.good)
         )
-        text = _fill(
+        text = fill(
             self.question,
             criterion=self.rubric.criterion,
             query=query,

@@ -14,9 +14,10 @@ parts least likely to change come first: instructions, the query, the rejected r
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+
+from ttalign.strategies.templates import fill
 
 Message = dict[str, str]
 
@@ -62,13 +63,6 @@ DEFAULT_TEMPLATES: dict[str, str] = {
         "query exactly; remove anything unnecessary."
     ),
 }
-
-_PLACEHOLDER = re.compile(r"\{(query|chosen|rejected)\}")
-
-
-def fill(template: str, **values: str) -> str:
-    """Replace the known placeholders of ``template`` in one pass."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 @dataclass(frozen=True)
