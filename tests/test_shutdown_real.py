@@ -116,6 +116,28 @@ def chat(base_url: str, **extra: object) -> httpx.Response:
     )
 
 
+def wait_for_in_flight(base_url: str, expected: int, timeout: float = 60) -> None:
+    """Poll ``/health`` until ``expected`` requests are admitted (a fixed sleep raced on CI)."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = httpx.get(f"{base_url}/health", timeout=10).json()["requests_in_flight"]
+        if seen == expected:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{seen} requests in flight after {timeout} s, expected {expected}")
+
+
+def wait_for_draining(base_url: str, timeout: float = 30) -> httpx.Response:
+    """The first ``/health`` response that reports draining after SIGTERM."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = httpx.get(f"{base_url}/health", timeout=10)
+        if health.json()["draining"] or time.monotonic() > deadline:
+            return health
+        time.sleep(0.05)
+
+
 def test_sigterm_drains_visibly_and_lets_requests_in_flight_finish(tmp_path: Path) -> None:
     with ttalign_process(tmp_path, "--shutdown-grace-seconds", "60") as server:
         stream, streamed = stream_in_background(server.base_url, max_tokens=600)
@@ -127,7 +149,7 @@ def test_sigterm_drains_visibly_and_lets_requests_in_flight_finish(tmp_path: Pat
             )
         )
         blocking.start()
-        time.sleep(0.3)  # let the non-streamed request be admitted
+        wait_for_in_flight(server.base_url, 2)
 
         wrong_key = httpx.get(
             f"{server.base_url}/v1/models", headers={"Authorization": "Bearer sk-wrong-key-0b7"}
@@ -135,8 +157,7 @@ def test_sigterm_drains_visibly_and_lets_requests_in_flight_finish(tmp_path: Pat
         assert wrong_key.status_code == 401
 
         server.terminate()
-        time.sleep(0.3)
-        health = httpx.get(f"{server.base_url}/health", timeout=10)
+        health = wait_for_draining(server.base_url)
         refused = chat(server.base_url)
 
         assert health.status_code == 503
