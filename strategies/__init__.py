@@ -5,6 +5,7 @@ Importing this package registers the built-in strategies and any installed plugi
 
 from ttalign.strategies import (
     best_of_n,  # noqa: F401
+    darwin,  # noqa: F401
     none,  # noqa: F401  (registers itself)
     rain,  # noqa: F401
     tpo,  # noqa: F401

@@ -73,14 +73,17 @@ async def score_texts(
     reward: Any,
     conversation: Sequence[dict[str, str]],
     texts: Sequence[str],
+    *,
+    partial: bool = False,
 ) -> list[float]:
     """Score ``texts`` as replies to ``conversation`` in one batched reward call.
 
-    Bounded by the request's deadline (:meth:`StrategyContext.score`).
+    ``partial`` says the replies may be unfinished. Bounded by the request's deadline
+    (:meth:`StrategyContext.score`).
     """
     if not texts:
         return []
-    scores = await ctx.score(reward, conversation, list(texts))
+    scores = await ctx.score(reward, conversation, list(texts), partial=partial)
     if len(scores) != len(texts):
         raise RewardClientError(
             reward.name, f"returned {len(scores)} scores for {len(texts)} candidates"
