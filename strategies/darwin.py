@@ -69,7 +69,12 @@ from ttalign.strategies.darwin_population import (
     most_kept,
     plan_replacements,
 )
-from ttalign.strategies.darwin_prompts import Variants, mutation_messages, parse_variants
+from ttalign.strategies.darwin_prompts import (
+    LIST_START,
+    Variants,
+    mutation_messages,
+    parse_variants,
+)
 from ttalign.strategies.errors import BudgetExhausted, DeadlineReached, InvalidStrategyRequest
 from ttalign.strategies.registry import register_strategy
 from ttalign.strategies.sampling import offset_seed
@@ -362,17 +367,19 @@ class _Evolution:
             ignore_eos=self.request.sampling.ignore_eos,
         )
         try:
-            generation = await self.ctx.sample(messages, settings)
+            prompt = await self.ctx.chat_prompt(messages, continue_final_message=True)
+            generation = await self.ctx.generate(prompt, settings)
         except EngineRequestError as exc:
             variants = Variants((drawn,) * count, ("mutation_rejected",))
             record["mutation"] = {"error": str(exc), "variants": list(variants.instructions)}
             return variants
         (completion,) = generation.completions
+        text = LIST_START + completion.text
         variants = parse_variants(
-            completion.text, count, drawn, cut_short=completion.finish_reason == "length"
+            text, count, drawn, cut_short=completion.finish_reason == "length"
         )
         record["mutation"] = {
-            "text": completion.text,
+            "text": text,
             "finish_reason": completion.finish_reason,
             "variants": list(variants.instructions),
             "fallbacks": list(variants.fallbacks),

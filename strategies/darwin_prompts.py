@@ -23,14 +23,21 @@ from dataclasses import dataclass
 from ttalign.strategies.templates import fill
 
 MUTATION = (
-    "Below is a task that someone gave to an AI assistant. Write {count} new versions of "
-    "it. Every version must ask for exactly the same result and keep every requirement "
-    "(lengths, formats, words to use or avoid), but state it more clearly and precisely "
-    "than the original does. Do not carry out the task.\n\n"
+    "Below is a task that someone gave to an AI assistant. Do not carry out the task. "
+    "Instead, write {count} new versions of it. Every version must ask for exactly the "
+    "same result and keep every requirement (lengths, formats, words to use or avoid), "
+    "but state it more clearly and precisely than the original does.\n\n"
+    'For example, two new versions of the task "write a poem about rain, no more than '
+    '40 words" would be:\n'
+    "1. Write a short poem of at most 40 words whose subject is rain.\n"
+    "2. Compose a poem about rain; keep the whole poem to 40 words or fewer.\n\n"
     "Task:\n{instruction}\n\n"
-    "Reply with a numbered list and nothing else: one version per item, starting with "
-    "1."
+    "Reply with a numbered list of {count} new versions and nothing else."
 )
+
+#: The start of the assistant's reply, written for it: small models that would answer
+#: the task instead go on with the list they find begun.
+LIST_START = "1."
 
 #: The start of a numbered item: "1." or "1)" at the start of a line, maybe in bold.
 _ITEM = re.compile(r"^[ \t>*_#-]*(\d{1,2})[.):][*_]*[ \t]*", re.MULTILINE)
@@ -48,9 +55,15 @@ class Variants:
 def mutation_messages(
     instruction: str, count: int, overrides: Mapping[str, str]
 ) -> list[dict[str, str]]:
-    """The mutation request as one user turn."""
+    """The mutation request as a user turn, then the list's start as the assistant's.
+
+    Render it with ``continue_final_message`` so the model goes on from :data:`LIST_START`.
+    """
     template = overrides.get("darwin.mutation", MUTATION)
-    return [{"role": "user", "content": fill(template, count=str(count), instruction=instruction)}]
+    return [
+        {"role": "user", "content": fill(template, count=str(count), instruction=instruction)},
+        {"role": "assistant", "content": LIST_START},
+    ]
 
 
 def parse_variants(text: str, count: int, drawn: str, *, cut_short: bool = False) -> Variants:
@@ -81,7 +94,8 @@ def _numbered_items(text: str) -> list[str]:
     """The items of the first numbered list counting 1, 2, 3, …, each stripped.
 
     An item runs until the next number in sequence, so an item may span lines, and a
-    number out of sequence (a year, a step inside an item) stays part of the text.
+    number out of sequence (a year, a step inside an item) stays part of the text. The
+    last item ends at the first blank line after it.
     """
     starts: list[re.Match[str]] = []
     for match in _ITEM.finditer(text):
@@ -89,7 +103,11 @@ def _numbered_items(text: str) -> list[str]:
             starts.append(match)
     items = []
     for i, start in enumerate(starts):
-        end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
+        if i + 1 < len(starts):
+            end = starts[i + 1].start()
+        else:  # the last item ends at a blank line: what follows is the model talking on
+            blank = text.find("\n\n", start.end())
+            end = len(text) if blank == -1 else blank
         items.append(_clean(text[start.end() : end]))
     return items
 

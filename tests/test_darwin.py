@@ -35,7 +35,8 @@ from tests.fakes import FakeEngine, Scripted
 ORIGINAL = "Describe owls."
 QUESTION = {"role": "user", "content": ORIGINAL}
 VARIANTS = ["Describe owls briefly.", "Tell me about owls.", "Explain what owls are."]
-MUTATION_LIST = "\n".join(f"{i}. {v}" for i, v in enumerate(VARIANTS, 1))
+#: What the model writes after the list's start ("1."), which the prompt writes for it.
+MUTATION_LIST = "\n".join(f"{i}. {v}" for i, v in enumerate(VARIANTS, 1)).removeprefix("1.")
 DARWIN = Darwin()
 
 
@@ -349,6 +350,7 @@ async def test_mutate_only_decodes_each_variant_whole_without_replacement() -> N
         ("Sure! Here you go.", False, ["I", "I", "I"], ["no_list"] + ["missing_item"] * 3),
         ("", False, ["I", "I", "I"], ["no_list"] + ["missing_item"] * 3),
         ("1. A\n2.\n3. C", False, ["A", "I", "C"], ["empty_item"]),
+        ("1. A\n2. B\n3. C\n\nI hope these help!", False, ["A", "B", "C"], []),
         ("1. A\n2. B\n3. Write a le", True, ["A", "B", "I"], ["cut_short_item", "missing_item"]),
         # Numbers out of sequence (a year, a stray "5.") stay inside the item.
         (
@@ -368,9 +370,12 @@ def test_mutation_lists_parse_with_the_drawn_instruction_as_fallback(
 
 
 def test_mutation_prompt_can_be_overridden() -> None:
-    (message,) = mutation_messages("Do X {count}", 4, {"darwin.mutation": "{count}|{instruction}"})
+    message, start = mutation_messages(
+        "Do X {count}", 4, {"darwin.mutation": "{count}|{instruction}"}
+    )
     assert message == {"role": "user", "content": "4|Do X {count}"}
-    (default,) = mutation_messages("Do X", 5, {})
+    assert start == {"role": "assistant", "content": "1."}  # the list, begun for the model
+    default, _ = mutation_messages("Do X", 5, {})
     assert "Do X" in default["content"] and "5 new versions" in default["content"]
 
 
