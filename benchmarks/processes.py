@@ -115,10 +115,15 @@ def vllm_server_command(model: str, port: int, *, name: str, eager: bool = True)
     ]  # fmt: skip
 
 
-def ttalign_server_command(model: str, port: int, *, name: str, eager: bool = True) -> list[str]:
-    """ttalign on the same engine settings, with no admission limit in the way."""
+def ttalign_server_command(
+    model: str, port: int, *, name: str, eager: bool = True, extra_args: Sequence[str] = ()
+) -> list[str]:
+    """ttalign on the same engine settings, with no admission limit in the way.
+
+    ``extra_args`` are further ``ttalign serve`` flags (e.g. ``--trace-engine-prompts``).
+    """
     return [
         sys.executable, "-m", "ttalign.server.cli", "serve",
         *_engine_flags(model, port, name, eager, "--kv-cache-memory"),
-        "--max-concurrent-requests", "1024", "--log-level", "warning",
+        "--max-concurrent-requests", "1024", "--log-level", "warning", *extra_args,
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""An engine wrapper that counts what one request costs."""
+"""An engine wrapper that counts what one request costs, and optionally times each call."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ttalign.engine.base import (
     Prompt,
     SamplingSettings,
 )
+from ttalign.engine.timeline import CallTimeline
 
 
 @dataclass
@@ -27,11 +28,16 @@ class EngineUsage:
 
 
 class MeteredEngine:
-    """Delegates to an :class:`EngineClient`, adding every call's cost to :attr:`usage`."""
+    """Delegates to an :class:`EngineClient`, adding every call's cost to :attr:`usage`.
 
-    def __init__(self, engine: EngineClient) -> None:
+    With a :class:`~ttalign.engine.timeline.CallTimeline`, every ``generate`` and ``stream``
+    call is also noted there, from its start until it returns, fails, or its stream closes.
+    """
+
+    def __init__(self, engine: EngineClient, timeline: CallTimeline | None = None) -> None:
         self._engine = engine
         self.usage = EngineUsage()
+        self.timeline = timeline
 
     @property
     def model_name(self) -> str:
@@ -67,7 +73,17 @@ class MeteredEngine:
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         self._count_call(sampling)
-        generation = await self._engine.generate(prompt, sampling)
+        timeline = self.timeline
+        if timeline is None:
+            generation = await self._engine.generate(prompt, sampling)
+        else:
+            record = timeline.engine_call(prompt, sampling)
+            try:
+                generation = await self._engine.generate(prompt, sampling)
+            except BaseException:
+                timeline.finish_engine(record, 0, 0, aborted=True)
+                raise
+            timeline.finish_engine(record, generation.prompt_tokens, generation.completion_tokens)
         self.usage.prompt_tokens += generation.prompt_tokens
         self.usage.completion_tokens += generation.completion_tokens
         return generation
@@ -76,16 +92,29 @@ class MeteredEngine:
         self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncIterator[CompletionDelta]:
         self._count_call(sampling)
-        counted_prompt = False
-        # Closing this stream closes the engine's at once (which aborts its request),
-        # rather than whenever the garbage collector finalizes it.
-        async with aclosing(self._engine.stream(prompt, sampling)) as deltas:
-            async for delta in deltas:
-                if not counted_prompt:
-                    self.usage.prompt_tokens += delta.prompt_tokens
-                    counted_prompt = True
-                self.usage.completion_tokens += delta.num_tokens
-                yield delta
+        timeline = self.timeline
+        record = None if timeline is None else timeline.engine_call(prompt, sampling)
+        prompt_tokens = completion_tokens = 0
+        counted_prompt = finished = False
+        try:
+            # Closing this stream closes the engine's at once (which aborts its request),
+            # rather than whenever the garbage collector finalizes it.
+            async with aclosing(self._engine.stream(prompt, sampling)) as deltas:
+                async for delta in deltas:
+                    if not counted_prompt:
+                        prompt_tokens = delta.prompt_tokens
+                        self.usage.prompt_tokens += prompt_tokens
+                        counted_prompt = True
+                    completion_tokens += delta.num_tokens
+                    self.usage.completion_tokens += delta.num_tokens
+                    yield delta
+            finished = True
+        finally:
+            if timeline is not None and record is not None:
+                # Noted once the engine's stream has closed: an abort ends the call too.
+                timeline.finish_engine(
+                    record, prompt_tokens, completion_tokens, aborted=not finished
+                )
 
     async def health(self) -> EngineHealth:
         return await self._engine.health()

@@ -21,6 +21,7 @@ from ttalign.engine.base import (
     StructuredOutput,
 )
 from ttalign.engine.metering import MeteredEngine
+from ttalign.engine.timeline import CallTimeline
 from ttalign.reward_clients.registry import RewardRegistry, UnknownRewardError
 from ttalign.server.errors import (
     APIError,
@@ -67,6 +68,8 @@ class PreparedRequest:
     context: StrategyContext
     header: ResponseHeader
     started: float
+    #: The request's engine and reward calls, kept when it asked for a trace.
+    timeline: CallTimeline | None = None
 
 
 def load_prompt_overrides(path: Path | None) -> dict[str, str]:
@@ -186,11 +189,17 @@ class ChatCompletionService:
             for d in (request.deadline_seconds, self.settings.request_timeout_seconds)
             if d is not None
         ]
+        timeline = (
+            CallTimeline(record_prompts=self.settings.trace_engine_prompts)
+            if request.return_trace
+            else None
+        )
         context = StrategyContext(
             request=self._alignment_request(request),
-            engine=MeteredEngine(self.engine),
+            engine=MeteredEngine(self.engine, timeline),
             rewards=RewardResolver(
-                lambda name: self.rewards.get(name, constraints=tuple(request.constraints or ()))
+                lambda name: self.rewards.get(name, constraints=tuple(request.constraints or ())),
+                timeline,
             ),
             prompt_overrides=self.prompt_overrides,
             deadline=started + min(deadlines) if deadlines else None,
@@ -201,7 +210,13 @@ class ChatCompletionService:
         except InvalidStrategyRequest as exc:
             raise to_api_error(exc) from None
         return PreparedRequest(
-            request, strategy, config, context, ResponseHeader(self.engine.model_name), started
+            request,
+            strategy,
+            config,
+            context,
+            ResponseHeader(self.engine.model_name),
+            started,
+            timeline,
         )
 
     def _strategy(self, name: str | None) -> Strategy[Any]:
@@ -431,6 +446,8 @@ class ChatCompletionService:
         for key, value in result.metadata.items():
             alignment.setdefault(key, value)
         if result.trace is not None:
+            if prepared.timeline is not None:
+                result.trace["timeline"] = prepared.timeline.export()
             alignment["trace"] = result.trace
         return alignment
 

@@ -146,6 +146,12 @@ class ServerSettings(BaseSettings):
         None,
         description="JSON file replacing strategies' prompt templates, by template name.",
     )
+    trace_engine_prompts: bool = Field(
+        False,
+        description="Put each engine call's prompt token ids in the call timeline that "
+        "return_trace adds (alignment.trace.timeline), so a benchmark can replay the calls "
+        "exactly. Traces grow by every prompt; leave off outside benchmarks.",
+    )
 
     # --- rewards ------------------------------------------------------------------------
     reward_config: Path | None = Field(

@@ -28,6 +28,7 @@ from ttalign.engine.base import (
     TokenLogprob,
 )
 from ttalign.engine.metering import MeteredEngine
+from ttalign.engine.timeline import CallTimeline
 from ttalign.strategies.budget import ComputeBudget
 from ttalign.strategies.errors import DeadlineReached, InvalidStrategyRequest
 from ttalign.strategies.sampling import END, generate_until, next_before
@@ -135,11 +136,17 @@ class RewardUsage:
 
 
 class MeteredReward:
-    """Delegates to a reward client, adding each call's cost to a shared :class:`RewardUsage`."""
+    """Delegates to a reward client, adding each call's cost to a shared :class:`RewardUsage`.
 
-    def __init__(self, client: Any, usage: RewardUsage) -> None:
+    With a :class:`~ttalign.engine.timeline.CallTimeline`, each call is noted there too.
+    """
+
+    def __init__(
+        self, client: Any, usage: RewardUsage, timeline: CallTimeline | None = None
+    ) -> None:
         self._client = client
         self._usage = usage
+        self._timeline = timeline
         self.name: str = client.name
 
     async def score(
@@ -149,6 +156,12 @@ class MeteredReward:
         *,
         partial: bool = False,
     ) -> list[float]:
+        timeline = self._timeline
+        record = (
+            None
+            if timeline is None
+            else timeline.reward_call(self.name, len(candidates), partial=partial)
+        )
         started = time.monotonic()
         try:
             return await self._client.score(conversation, candidates, partial=partial)
@@ -156,6 +169,8 @@ class MeteredReward:
             self._usage.calls += 1
             self._usage.candidates += len(candidates)
             self._usage.seconds += time.monotonic() - started
+            if timeline is not None and record is not None:
+                timeline.finish_reward(record)
 
 
 class RewardResolver:
@@ -165,15 +180,19 @@ class RewardResolver:
     composite's normalization) scores every call of the request on the same scale.
     """
 
-    def __init__(self, lookup: Callable[[str | None], Any]) -> None:
+    def __init__(
+        self, lookup: Callable[[str | None], Any], timeline: CallTimeline | None = None
+    ) -> None:
         self._lookup = lookup
         self._clients: dict[str | None, MeteredReward] = {}
         self.usage = RewardUsage()
+        #: Where every reward call of the request is noted (``None``: nowhere).
+        self.timeline = timeline
 
     def get(self, name: str | None = None) -> Any:
         """The reward client called ``name`` (server default for ``None``), metered."""
         if name not in self._clients:
-            self._clients[name] = MeteredReward(self._lookup(name), self.usage)
+            self._clients[name] = MeteredReward(self._lookup(name), self.usage, self.timeline)
         return self._clients[name]
 
 
