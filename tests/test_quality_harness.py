@@ -600,3 +600,31 @@ def test_ifeval_prefix_suite_end_to_end(fake_server: RunningServer, tmp_path) ->
     subset = IFEvalPrefixCheckable().load(SHARED_EVAL / IFEval.filename)
     [run] = document["runs"]
     assert [o["id"] for o in run["outputs"]] == [item.id for item in subset[:2]]
+
+
+def test_paired_differences_compare_runs_prompt_by_prompt() -> None:
+    from ttalign.benchmarks.quality.paired import compare, paired_difference
+
+    def run(label: str, passes: list[bool], rewards: list[float]) -> dict:
+        outputs = [
+            {"id": str(i), "scores": {"strict": [ok]}, "reward": r, "error": None}
+            for i, (ok, r) in enumerate(zip(passes, rewards, strict=True))
+        ]
+        outputs.append({"id": "failed", "error": "timeout", "scores": None, "reward": None})
+        return {"label": label, "outputs": outputs}
+
+    document = {
+        "runs": [
+            run("ref", [True, False, False, False], [0.5, 0.0, 0.0, 0.0]),
+            run("better", [True, True, True, False], [0.5, 1.0, 1.0, 0.0]),
+        ]
+    }
+    strict, reward = compare(document, "ref", ["prompt_strict", "reward"])
+    assert strict["run"] == "better" and strict["prompts"] == 4  # the failed one is left out
+    assert strict["difference"] == pytest.approx(0.5)
+    assert reward["difference"] == pytest.approx(0.5)
+    assert 0.0 <= strict["low"] <= 0.5 <= strict["high"] <= 1.0
+    same = paired_difference({"a": 1.0, "b": 0.0}, {"a": 1.0, "b": 0.0})
+    assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="no run labelled"):
+        compare(document, "missing", ["reward"])

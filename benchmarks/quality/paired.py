@@ -1,0 +1,116 @@
+"""Paired differences between the runs of one result file, with bootstrap intervals.
+
+Every run of a result file answered the same prompts, so two runs are best compared prompt
+by prompt: the difference of their per-prompt scores, resampled over prompts (percentile
+bootstrap, seeded). An interval that excludes 0 is a difference the sample supports.
+
+    python -m ttalign.benchmarks.quality.paired \\
+        benchmarks/results/quality/darwin-ifeval-rules.json --against bon8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESAMPLES = 2000
+SEED = 0
+
+
+def per_prompt(run: Mapping[str, Any], metric: str) -> dict[str, float]:
+    """Each answered prompt's score under ``metric`` (``prompt_strict`` or ``reward``)."""
+    values: dict[str, float] = {}
+    for output in run["outputs"]:
+        if output.get("error"):
+            continue
+        if metric == "reward":
+            if output.get("reward") is not None:
+                values[output["id"]] = float(output["reward"])
+        elif metric == "prompt_strict":
+            values[output["id"]] = float(all(output["scores"]["strict"]))
+        else:
+            raise ValueError(f"unknown metric {metric!r}")
+    return values
+
+
+def paired_difference(
+    a: Mapping[str, float], b: Mapping[str, float], resamples: int = RESAMPLES, seed: int = SEED
+) -> dict[str, float]:
+    """Mean of ``a - b`` over the prompts both have, and its 95 % bootstrap interval."""
+    shared = sorted(a.keys() & b.keys())
+    if not shared:
+        raise ValueError("the runs share no answered prompt")
+    differences = np.array([a[key] - b[key] for key in shared])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(shared), size=(resamples, len(shared)))
+    means = differences[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "prompts": len(shared),
+        "difference": float(differences.mean()),
+        "low": float(low),
+        "high": float(high),
+    }
+
+
+def compare(document: Mapping[str, Any], against: str, metrics: Sequence[str]) -> list[dict]:
+    """Every other run of ``document`` minus the run labelled ``against``, per metric."""
+    runs = {run["label"]: run for run in document["runs"]}
+    if against not in runs:
+        raise ValueError(f"no run labelled {against!r}; the runs are {', '.join(runs)}")
+    rows = []
+    for label, run in runs.items():
+        if label == against:
+            continue
+        for metric in metrics:
+            reference = per_prompt(runs[against], metric)
+            mine = per_prompt(run, metric)
+            if not mine or not reference:
+                continue
+            rows.append({"run": label, "metric": metric, **paired_difference(mine, reference)})
+    return rows
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], against: str) -> str:
+    lines = [
+        f"| run − {against} | metric | prompts | difference | 95 % bootstrap interval |",
+        "|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['run']} | {row['metric']} | {row['prompts']} | {row['difference']:+.3f} | "
+            f"[{row['low']:+.3f}, {row['high']:+.3f}] |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(
+        prog="python -m ttalign.benchmarks.quality.paired",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("result", type=Path, help="a result JSON of benchmarks.evaluate")
+    parser.add_argument("--against", required=True, help="the label of the reference run")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        choices=["prompt_strict", "reward"],
+        help="repeatable (default: both)",
+    )
+    args = parser.parse_args(argv)
+    document = json.loads(args.result.read_text())
+    table = markdown(
+        compare(document, args.against, args.metric or ["prompt_strict", "reward"]), args.against
+    )
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
