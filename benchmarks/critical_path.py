@@ -79,7 +79,14 @@ def critical_path_seconds(timeline: Sequence[Call], tolerance: float = TOLERANCE
 
 
 def completion_body(call: Call, model: str) -> dict[str, Any]:
-    """The plain vLLM ``/v1/completions`` body that repeats a recorded engine call."""
+    """The plain vLLM ``/v1/completions`` body that repeats a recorded engine call.
+
+    A call made with ``ignore_eos`` generated exactly ``n * max_tokens`` tokens, and is
+    repeated as it was. A call that could stop early (a DARWIN mutation, a TPO critique
+    without ``ignore_eos``) is repeated with ``ignore_eos`` and ``max_tokens`` set to the
+    tokens it actually generated per completion (rounded up), so that the replay does the
+    same decoding work rather than whatever a new sample happens to do.
+    """
     if "prompt_token_ids" in call:
         prompt: list[int] | str = list(call["prompt_token_ids"])
     elif "prompt_text" in call:
@@ -95,8 +102,11 @@ def completion_body(call: Call, model: str) -> dict[str, Any]:
         "max_tokens": call["max_tokens"],
         "temperature": call["temperature"],
         "top_p": call["top_p"],
-        "ignore_eos": call["ignore_eos"],
+        "ignore_eos": True,
     }
+    if not call["ignore_eos"]:
+        generated = -(-int(call.get("completion_tokens", 0)) // max(1, call["n"]))
+        body["max_tokens"] = max(1, min(call["max_tokens"], generated))
     if call.get("top_k") is not None:
         body["top_k"] = call["top_k"]
     return body

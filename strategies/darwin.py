@@ -316,7 +316,8 @@ class _Evolution:
         if stop is None and self.ctx.deadline_reached:
             stop = _Stop("deadline")
 
-        beams = [beam for beam in beams if beam.num_tokens]  # a rejected first step: none
+        numbered = [(i, beam) for i, beam in enumerate(beams) if beam.num_tokens]
+        beams = [beam for _, beam in numbered]  # a rejected first step leaves none
         texts = [await self._text(beam) for beam in beams]
         scores = await self._score_final(texts)
         for beam, text, score in zip(beams, texts, scores, strict=True):
@@ -328,7 +329,7 @@ class _Evolution:
                 beams[index].times_kept += 1
         record["final"] = [
             {
-                "beam": i,
+                "beam": numbered[i][0],
                 "instruction": beam.instruction_index,
                 "times_kept": beam.times_kept,
                 "text": text,
@@ -364,7 +365,8 @@ class _Evolution:
             top_k=step.top_k,
             max_tokens=step.max_tokens,
             seed=self._next_seed(),
-            ignore_eos=self.request.sampling.ignore_eos,
+            # Not the request's ignore_eos: that is about the reply; a list run past its end
+            # would glue the model's next turn onto its last item.
         )
         try:
             prompt = await self.ctx.chat_prompt(messages, continue_final_message=True)
@@ -466,12 +468,15 @@ class _Evolution:
 
     async def _extend_group(self, prompt: list[int], group: list[Beam], period: int) -> Generation:
         done = group[0].num_tokens
+        limit = min(period, self.length - done)
         return await self._generate(
             prompt,
             self.config.generation,
-            min(period, self.length - done),
+            limit,
             n=len(group),
-            min_tokens=max(0, self.request.sampling.min_tokens - done),
+            # The request's min_tokens spread over the steps (the engine refuses more
+            # than the step's limit).
+            min_tokens=min(limit, max(0, self.request.sampling.min_tokens - done)),
         )
 
     # --- engine and reward ----------------------------------------------------------------

@@ -11,7 +11,7 @@ Reading the list never fails; what it cannot use is replaced by the drawn instru
 - more items than asked -> the first ``count`` are used;
 - an empty item -> the drawn instruction stands in for it;
 - output cut at its token limit -> the last item is dropped (it may stop mid-sentence)
-  and the drawn instruction stands in for it.
+  and the drawn instruction stands in for it, unless a blank line had ended it.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def mutation_messages(
 
 def parse_variants(text: str, count: int, drawn: str, *, cut_short: bool = False) -> Variants:
     """Exactly ``count`` instructions read from ``text``'s numbered list (see module doc)."""
-    items = _numbered_items(text)
+    items, ended_at_blank_line = _numbered_items(text)
     fallbacks: list[str] = []
-    if cut_short and items:
+    if cut_short and items and not ended_at_blank_line:
         items.pop()
         fallbacks.append("cut_short_item")
     if len(items) > count:
@@ -90,26 +90,28 @@ def parse_variants(text: str, count: int, drawn: str, *, cut_short: bool = False
     return Variants(tuple(instructions), tuple(fallbacks))
 
 
-def _numbered_items(text: str) -> list[str]:
+def _numbered_items(text: str) -> tuple[list[str], bool]:
     """The items of the first numbered list counting 1, 2, 3, …, each stripped.
 
     An item runs until the next number in sequence, so an item may span lines, and a
     number out of sequence (a year, a step inside an item) stays part of the text. The
-    last item ends at the first blank line after it.
+    last item ends at the first blank line after it; the flag says whether it did.
     """
     starts: list[re.Match[str]] = []
     for match in _ITEM.finditer(text):
         if int(match.group(1)) == len(starts) + 1:
             starts.append(match)
     items = []
+    ended_at_blank_line = False
     for i, start in enumerate(starts):
         if i + 1 < len(starts):
             end = starts[i + 1].start()
         else:  # the last item ends at a blank line: what follows is the model talking on
             blank = text.find("\n\n", start.end())
+            ended_at_blank_line = blank != -1
             end = len(text) if blank == -1 else blank
         items.append(_clean(text[start.end() : end]))
-    return items
+    return items, ended_at_blank_line
 
 
 def _clean(item: str) -> str:

@@ -293,6 +293,14 @@ async def test_progress_after_every_step_and_cycle() -> None:
     assert events[0]["beams_alive"] == 3 and events[2]["beams_alive"] == 0
 
 
+async def test_the_mutation_stops_at_its_end_even_when_the_reply_ignores_eos() -> None:
+    engine = FakeEngine(beam_script())
+    await run(make_ctx(engine, RecordingReward(), ignore_eos=True), config())
+    (mutation,) = [c for c in engine.calls if is_mutation(c.prompt)]
+    assert mutation.sampling.ignore_eos is False
+    assert all(c.sampling.ignore_eos for c in engine.calls if not is_mutation(c.prompt))
+
+
 async def test_paper_defaults() -> None:
     cfg = DarwinConfig()
     assert (cfg.cycles, cfg.mutations, cfg.replacement_period, cfg.keep) == (3, 5, 40, 3)
@@ -308,7 +316,9 @@ async def test_step_sampling_keeps_the_request_settings() -> None:
     first, second = engine.calls[2], engine.calls[5]
     assert (first.sampling.temperature, first.sampling.top_k) == (0.7, 40)
     assert first.sampling.presence_penalty == 0.5
-    assert (first.sampling.min_tokens, second.sampling.min_tokens) == (3, 1)
+    # min_tokens spreads over the steps, never above a step's max_tokens (vLLM refuses it).
+    assert (first.sampling.min_tokens, second.sampling.min_tokens) == (2, 1)
+    assert all(c.sampling.min_tokens <= c.sampling.max_tokens for c in engine.calls)
     seeds = [c.sampling.seed for c in engine.calls]
     assert len(set(seeds)) == len(seeds)  # a distinct seed per call, derived from the request's
 
@@ -351,6 +361,7 @@ async def test_mutate_only_decodes_each_variant_whole_without_replacement() -> N
         ("", False, ["I", "I", "I"], ["no_list"] + ["missing_item"] * 3),
         ("1. A\n2.\n3. C", False, ["A", "I", "C"], ["empty_item"]),
         ("1. A\n2. B\n3. C\n\nI hope these help!", False, ["A", "B", "C"], []),
+        ("1. A\n2. B\n3. C\n\nI hope these he", True, ["A", "B", "C"], []),
         ("1. A\n2. B\n3. Write a le", True, ["A", "B", "I"], ["cut_short_item", "missing_item"]),
         # Numbers out of sequence (a year, a stray "5.") stay inside the item.
         (

@@ -289,6 +289,11 @@ def test_completion_body_repeats_the_call_and_needs_its_prompt() -> None:
         "ignore_eos": True,
         "top_k": 40,
     }
+    # A call that could stop early is replayed with the tokens it generated, to the token.
+    early = completion_body(
+        _engine(0, 1, n=2, max_tokens=48, ignore_eos=False, completion_tokens=45), "m"
+    )
+    assert (early["max_tokens"], early["ignore_eos"]) == (23, True)
     text = _engine(0, 1, prompt_text="hi")
     del text["prompt_token_ids"]
     assert completion_body(text, "m")["prompt"] == "hi"
