@@ -157,3 +157,11 @@ def _record_startup(app: FastAPI) -> _Startup:
 
     app.router.lifespan_context = recorded
     return startup
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll ``predicate`` every 50 ms until it holds; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)

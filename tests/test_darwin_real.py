@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.servers import RunningServer
+from tests.servers import RunningServer, wait_until
 
 pytestmark = pytest.mark.real_engine
 
@@ -276,21 +276,15 @@ async def test_a_disconnect_aborts_every_beam_and_every_judge_call(
     client = openai.AsyncOpenAI(base_url=real_server.api_url, api_key="unused", max_retries=0)
     engine = real_server.app.state.engine
 
-    async def until(predicate, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, "condition not reached in time"
-            await asyncio.sleep(0.05)
-
     # Long enough that the search is still running when the client goes away; the judge's
     # calls run on the same engine, so no running engine request means no reward call left.
     kwargs = request("judge", config={"cycles": 4})
     kwargs["max_tokens"] = 300
     task = asyncio.create_task(client.chat.completions.create(**kwargs))
-    await until(lambda: engine.engine_running_requests() > 0)
+    await wait_until(lambda: engine.engine_running_requests() > 0)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    await until(lambda: engine.engine_running_requests() == 0, timeout=10)
+    await wait_until(lambda: engine.engine_running_requests() == 0, timeout=10)
 
     stream = await client.chat.completions.create(stream=True, **kwargs)
     seen = []
@@ -303,5 +297,5 @@ async def test_a_disconnect_aborts_every_beam_and_every_judge_call(
     else:
         raise AssertionError(f"the stream ended before the beams got going: {seen}")
     await stream.close()
-    await until(lambda: engine.engine_running_requests() == 0, timeout=10)
+    await wait_until(lambda: engine.engine_running_requests() == 0, timeout=10)
     await client.close()

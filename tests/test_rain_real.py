@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.servers import RunningServer
+from tests.servers import RunningServer, wait_until
 
 pytestmark = pytest.mark.real_engine
 
@@ -155,22 +155,16 @@ async def test_a_disconnect_aborts_the_whole_search(real_server: RunningServer) 
     client = openai.AsyncOpenAI(base_url=real_server.api_url, api_key="unused", max_retries=0)
     engine = real_server.app.state.engine
 
-    async def until(predicate, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, "condition not reached in time"
-            await asyncio.sleep(0.05)
-
     payload = body({"evaluator": "self"}, stream=False)
     standard = {k: payload.pop(k) for k in ("model", "messages", "seed")}
     standard["max_tokens"] = 200
     payload.pop("max_tokens")
     payload.pop("stream")  # each call below says whether it streams
     task = asyncio.create_task(client.chat.completions.create(**standard, extra_body=payload))
-    await until(lambda: engine.engine_running_requests() > 0)
+    await wait_until(lambda: engine.engine_running_requests() > 0)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    await until(lambda: engine.engine_running_requests() == 0, timeout=10)
+    await wait_until(lambda: engine.engine_running_requests() == 0, timeout=10)
 
     stream = await client.chat.completions.create(**standard, stream=True, extra_body=payload)
     seen = []
@@ -183,7 +177,7 @@ async def test_a_disconnect_aborts_the_whole_search(real_server: RunningServer) 
     else:
         raise AssertionError(f"the stream ended before the search got going: {seen}")
     await stream.close()
-    await until(lambda: engine.engine_running_requests() == 0, timeout=10)
+    await wait_until(lambda: engine.engine_running_requests() == 0, timeout=10)
     await client.close()
 
 
