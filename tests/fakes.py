@@ -22,6 +22,7 @@ from ttalign.engine.base import (
     Completion,
     CompletionDelta,
     EngineHealth,
+    EngineRequestError,
     FinishReason,
     Generation,
     Prompt,
@@ -138,6 +139,13 @@ class FakeEngine:
         return self.text_of(prompt) if isinstance(prompt, list) else prompt
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
+        if sampling.min_tokens > sampling.max_tokens:
+            # As vLLM refuses it, so a strategy that asks for it fails here too.
+            raise EngineRequestError(
+                f"min_tokens must be less than or equal to max_tokens={sampling.max_tokens}, "
+                f"got {sampling.min_tokens}",
+                param="min_tokens",
+            )
         text = self.prompt_text(prompt)
         outputs = list(self.script(text, sampling))
         if len(outputs) != sampling.n:
