@@ -539,3 +539,27 @@ def test_too_many_beams_for_the_candidate_cap_are_refused() -> None:
         DARWIN.check(request, config(mutations=5, beams_per_instruction=2))
     assert error.value.param == "strategy_config.mutations"
     assert ctx.request.max_candidates == 64
+
+
+def test_mutation_faithfulness_statistics() -> None:
+    from ttalign.benchmarks.darwin_mutations import mutation_stats
+
+    original = "Write 300 words about cats in 4 paragraphs."
+    stats = mutation_stats(
+        [
+            (
+                original,
+                [
+                    original,  # a fallback
+                    "A rain poem.",  # the prompt's example, and short
+                    "Please write 300 words on cats, split into 4 paragraphs.",  # both numbers
+                    "Write words about cats in 4 paragraphs, and nothing more than that.",
+                ],
+            )
+        ]
+    )
+    assert stats["variants"] == 4
+    assert stats["fallback_to_original"] == 0.25
+    assert stats["copied_the_prompt_example"] == 0.25
+    assert stats["shorter_than_half_the_original"] == 0.25
+    assert stats["numbers_kept_mean_share"] == pytest.approx((0 + 1 + 0.5) / 3)
