@@ -193,6 +193,21 @@ class _Stop(Exception):
         self.reason = reason
         self.detail = detail
 
+    @classmethod
+    def after(cls, error: Exception) -> _Stop:
+        """The stop that ``error`` (one of :data:`_STOPPING`) calls for."""
+        if isinstance(error, DeadlineReached):
+            return cls("deadline")
+        if isinstance(error, BudgetExhausted):
+            return cls("budget", str(error))
+        if isinstance(error, EngineRequestError):
+            return cls("engine_rejected", str(error))
+        return cls("reward_error", str(error))
+
+
+#: Errors that end the search with its best so far rather than fail the request.
+_STOPPING = (DeadlineReached, BudgetExhausted, EngineRequestError, RewardClientError)
+
 
 class _Evolution:
     """One request's search: the archive, the candidates, the caches and the trace."""
@@ -238,15 +253,9 @@ class _Evolution:
                     await self._cycle(number, record, seed_task)
                 except _Stop as exc:
                     stop = exc
-                except DeadlineReached:
-                    stop = _Stop("deadline")
-                except BudgetExhausted as exc:
-                    stop = _Stop("budget", str(exc))
-                except EngineRequestError as exc:
-                    stop = _Stop("engine_rejected", str(exc))
-                except RewardClientError as exc:
+                except _STOPPING as exc:
                     logger.warning("darwin cycle %d stopped: %s", number, exc)
-                    stop = _Stop("reward_error", str(exc))
+                    stop = _Stop.after(exc)
                 if stop is not None:
                     if stop.detail:
                         record["error"] = stop.detail
@@ -309,16 +318,14 @@ class _Evolution:
                 await self._extend(beams, period=self.length)  # to the end, no replacement
             else:
                 await self._evolve(number, beams, record["steps"], seed_task)
-        except BudgetExhausted as exc:
-            stop = _Stop("budget", str(exc))
-        except EngineRequestError as exc:
-            stop = _Stop("engine_rejected", str(exc))
+        except (BudgetExhausted, EngineRequestError) as exc:
+            stop = _Stop.after(exc)  # the beams so far are still scored below
         if stop is None and self.ctx.deadline_reached:
             stop = _Stop("deadline")
 
         numbered = [(i, beam) for i, beam in enumerate(beams) if beam.num_tokens]
         beams = [beam for _, beam in numbered]  # a rejected first step leaves none
-        texts = [await self._text(beam) for beam in beams]
+        texts = await self._texts(beams)
         scores = await self._score_final(texts)
         for beam, text, score in zip(beams, texts, scores, strict=True):
             self.candidates.append(
@@ -410,7 +417,7 @@ class _Evolution:
                 # Nothing left to steer: the final scoring ranks them as complete replies.
                 entry["beams"] = [_beam_summary(i, b) for i, b in enumerate(beams)]
                 return
-            texts = [await self._text(beam) for beam in beams]
+            texts = await self._texts(beams)
             scores = await self._score_partial(texts)
             protected = [
                 beam.finished and bool(text.strip())
@@ -520,6 +527,10 @@ class _Evolution:
             messages[self.user_index] = {**messages[self.user_index], "content": instruction}
             self.contexts[instruction] = tuple(await self.ctx.chat_prompt(messages))
         return self.contexts[instruction]
+
+    async def _texts(self, beams: Sequence[Beam]) -> list[str]:
+        """Every beam's reply so far, decoded concurrently (cached by tokens)."""
+        return list(await asyncio.gather(*(self._text(beam) for beam in beams)))
 
     async def _text(self, beam: Beam) -> str:
         tokens = beam.trajectory.tokens
