@@ -136,6 +136,36 @@ class CompletionDelta:
     stop_reason: StopReason = None
 
 
+@dataclass(frozen=True)
+class TemperatureHeadInfo:
+    """A trained temperature head the engine has loaded (see ``engine.temperature_head``)."""
+
+    name: str
+    level: Literal["example", "token"]
+    temperatures: tuple[float, ...]
+
+
+@runtime_checkable
+class AdaptiveTemperatureEngine(Protocol):
+    """An engine whose sampler can pick each row's temperature (Adaptive Decoding).
+
+    Requests opt in through ``SamplingSettings.extra_args``; the keys are those of
+    ``engine.vllm_adaptive_temperature``. Optional: strategies check for it with
+    ``isinstance`` and refuse adaptive requests with a 400 on engines without it.
+    """
+
+    @property
+    def temperature_heads(self) -> Mapping[str, TemperatureHeadInfo]:
+        """The heads a request may name, by name."""
+        ...
+
+    async def temperature_records(self, keys: Sequence[str]) -> dict[str, list[float]]:
+        """The temperatures the sampler used for each recorded request, one per sampling
+        step (see the processor's note on discarded prefill samples); unknown keys are left
+        out, and a finished request's record is returned once."""
+        ...
+
+
 @dataclass
 class EngineHealth:
     """What ``/health`` reports about the engine."""

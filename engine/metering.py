@@ -7,6 +7,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from ttalign.engine.base import (
+    AdaptiveTemperatureEngine,
     CompletionDelta,
     EngineClient,
     EngineHealth,
@@ -50,6 +51,12 @@ class MeteredEngine:
     @property
     def sampling_defaults(self) -> Mapping[str, float | int]:
         return self._engine.sampling_defaults
+
+    @property
+    def adaptive_temperature(self) -> AdaptiveTemperatureEngine | None:
+        """The wrapped engine, when it supports per-row temperatures."""
+        engine = self._engine
+        return engine if isinstance(engine, AdaptiveTemperatureEngine) else None
 
     async def render_chat(
         self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False

@@ -26,6 +26,7 @@ from ttalign.engine.base import (
     Prompt,
     SamplingSettings,
     StructuredOutput,
+    TemperatureHeadInfo,
     TokenLogprob,
 )
 from ttalign.engine.vllm_errors import request_error, unavailable_error
@@ -59,8 +60,15 @@ SEED_RANGE = range(SEED_MIN, SEED_MAX + 1)
 class VllmEngine:
     """An :class:`~ttalign.engine.base.EngineClient` over an in-process ``AsyncLLM``."""
 
-    def __init__(self, llm: Any, model_name: str, chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        model_name: str,
+        chat_template: str | None = None,
+        temperature_heads: Mapping[str, TemperatureHeadInfo] | None = None,
+    ) -> None:
         self._llm = llm
+        self._temperature_heads = dict(temperature_heads or {})
         self._chat_template = chat_template
         self._model_name = model_name
         self._tokenizer = llm.get_tokenizer()
@@ -86,6 +94,7 @@ class VllmEngine:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         enforce_eager: bool = False,
+        temperature_heads: Mapping[str, str] | None = None,
     ) -> VllmEngine:
         """Build the engine (this spawns vLLM's engine-core process).
 
@@ -93,13 +102,32 @@ class VllmEngine:
         :attr:`sampling_defaults`, as in ``vllm serve``) or ``vllm`` (no model defaults).
         Raises :class:`~ttalign.engine.base.EngineStartupError` when the engine cannot start,
         before spawning anything where the cause can be known in advance.
+
+        Every engine carries the adaptive-temperature logits processor (a no-op for requests
+        that do not opt in); ``temperature_heads`` maps head names to head files, which must
+        have been trained on this model.
         """
+        from ttalign.engine import vllm_adaptive_temperature as adaptive
+        from ttalign.engine.temperature_head import HeadFileError, available_heads
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         template = load_chat_template(chat_template) if chat_template else None
         kv_cache_bytes = resolve_kv_cache_memory(kv_cache_memory)
         check_kv_cache_fits(kv_cache_bytes, cpu_node_memory())
+        heads: dict[str, TemperatureHeadInfo] = {}
+        if temperature_heads:
+            try:
+                usable, refused = available_heads(temperature_heads, model_path)
+            except HeadFileError as exc:
+                raise EngineStartupError(f"cannot load temperature heads: {exc}") from None
+            if refused:
+                reasons = "; ".join(f"{name}: {why}" for name, why in refused.items())
+                raise EngineStartupError(f"temperature heads refused: {reasons}")
+            heads = {
+                name: TemperatureHeadInfo(name, m.level, m.temperatures)
+                for name, m in usable.items()
+            }
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=[model_name],
@@ -114,13 +142,18 @@ class VllmEngine:
             enable_chunked_prefill=chunked_prefill_supported(),
             seed=seed,
             enforce_eager=enforce_eager,
+            logits_processors=[adaptive.PROCESSOR_FQCN],
+            worker_extension_cls=adaptive.EXTENSION_FQCN,
+            additional_config={
+                adaptive.HEADS_CONFIG_KEY: {name: str(temperature_heads[name]) for name in heads}
+            },
         )
         try:
             llm = AsyncLLM.from_engine_args(args)
         except RuntimeError as exc:  # the engine core process died while starting
             message = start_failure_message(exc, kv_cache_bytes, cpu_node_memory(), model_path)
             raise EngineStartupError(message) from exc
-        return cls(llm, model_name, template)
+        return cls(llm, model_name, template, heads)
 
     # --- EngineClient ---------------------------------------------------------------------
 
@@ -157,6 +190,16 @@ class VllmEngine:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos_token_ids
+
+    # --- AdaptiveTemperatureEngine -------------------------------------------------------
+
+    @property
+    def temperature_heads(self) -> Mapping[str, TemperatureHeadInfo]:
+        return self._temperature_heads
+
+    async def temperature_records(self, keys: Sequence[str]) -> dict[str, list[float]]:
+        results = await self._llm.collective_rpc("ttalign_temperature_records", args=(list(keys),))
+        return dict(results[0]) if results else {}
 
     def _render_chat(
         self, messages: Sequence[dict[str, str]], continue_final_message: bool
