@@ -73,6 +73,7 @@ def pair_losses(head: nn.Module, pairs: Sequence[PreferencePair], beta: float) -
 
 @dataclass(frozen=True)
 class TrainingReport:
+    #: The epoch kept (the one with the lowest validation loss, or the last).
     epochs: int
     train_loss: float
     validation_loss: float | None
@@ -98,21 +99,30 @@ def fit_head(
     optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate, weight_decay=1e-4)
     order = list(range(len(train)))
     generator = torch.Generator().manual_seed(seed)
-    loss = torch.tensor(float("nan"))
-    for _ in range(epochs):
+    best_loss, best_state, best_epoch = float("inf"), None, epochs
+    for epoch in range(1, epochs + 1):
         head.train()
         permutation = torch.randperm(len(order), generator=generator).tolist()
         for start in range(0, len(permutation), 16):
             batch = [train[i] for i in permutation[start : start + 16]]
             optimizer.zero_grad()
-            loss = pair_losses(head, batch, beta)
-            loss.backward()
+            pair_losses(head, batch, beta).backward()
             optimizer.step()
+        if validation:
+            # Early stopping: keep the epoch whose held-out pairs the head explains best.
+            head.eval()
+            with torch.no_grad():
+                held_out = float(pair_losses(head, validation, beta))
+            if held_out < best_loss:
+                best_loss, best_epoch = held_out, epoch
+                best_state = {k: v.clone() for k, v in head.state_dict().items()}
+    if best_state is not None:
+        head.load_state_dict(best_state)
     head.eval()
     with torch.no_grad():
         train_loss = float(pair_losses(head, train, beta)) if train else float("nan")
         if not validation:
-            return TrainingReport(epochs, train_loss, None, None)
+            return TrainingReport(best_epoch, train_loss, None, None)
         margins = torch.stack(
             [
                 sequence_log_prob(head, p.chosen) - sequence_log_prob(head, p.rejected)
@@ -120,7 +130,7 @@ def fit_head(
             ]
         )
         return TrainingReport(
-            epochs,
+            best_epoch,
             train_loss,
             float(lpo_loss(margins, torch.zeros_like(margins), beta)),
             float((margins > 0).float().mean()),

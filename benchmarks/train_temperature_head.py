@@ -1,6 +1,7 @@
 """Train a temperature head for ``adaptive_temperature`` with LPO, on this machine's CPU.
 
-    python -m ttalign.benchmarks.train_temperature_head --level token --out engine/heads/smollm2-token
+    python -m ttalign.benchmarks.train_temperature_head --level token \\
+        --out engine/heads/smollm2-token
 
 1. **Prompts** (never the evaluation prompts): IFEval dev rows from ``--ifeval-from``
    (the quality runs use the first 100 rows, so the default starts at row 100) and synthetic
@@ -161,6 +162,27 @@ async def sample_all(
         await engine.shutdown()
 
 
+def save_samples(path: Path, sampled: list[tuple[TrainingPrompt, list[int], list[Reply]]]) -> None:
+    rows = [
+        {"id": p.id, "prompt_ids": ids, "replies": [vars(r) for r in replies]}
+        for p, ids, replies in sampled
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+
+
+def load_samples(
+    path: Path, prompts: list[TrainingPrompt]
+) -> list[tuple[TrainingPrompt, list[int], list[Reply]]]:
+    by_id = {p.id: p for p in prompts}
+    rows = json.loads(path.read_text())
+    return [
+        (by_id[row["id"]], row["prompt_ids"], [Reply(**r) for r in row["replies"]])
+        for row in rows
+        if row["id"] in by_id
+    ]
+
+
 def nearest_indices(values: list[float], temperatures: tuple[float, ...]) -> torch.Tensor:
     table = torch.tensor(temperatures)
     return (torch.tensor(values)[:, None] - table[None, :]).abs().argmin(dim=1)
@@ -231,6 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--validation", type=float, default=0.2, help="held-out fraction of pairs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--samples-cache",
+        type=Path,
+        help="JSON file of the sampled replies: read if it exists (refit without sampling), "
+        "else written after sampling",
+    )
     args = parser.parse_args(argv)
     if args.beta is None:
         args.beta = 1.0 if args.level == "example" else 0.1
@@ -244,7 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     prompts += arithmetic_prompts(args.arithmetic_prompts, args.seed)
     started = time.monotonic()
-    sampled = asyncio.run(sample_all(prompts, args))
+    if args.samples_cache is not None and args.samples_cache.is_file():
+        sampled = load_samples(args.samples_cache, prompts)
+    else:
+        sampled = asyncio.run(sample_all(prompts, args))
+        if args.samples_cache is not None:
+            save_samples(args.samples_cache, sampled)
     sampling_seconds = time.monotonic() - started
 
     states = HiddenStates(args.model)
@@ -288,7 +321,10 @@ def main(argv: list[str] | None = None) -> None:
             + " ".join(sys.argv[1:] if argv is None else argv),
             "method": "LPO, one round, replies sampled with uniformly drawn temperatures",
             "prompts": {
-                "ifeval_dev_rows": f"{args.ifeval_prompts} drawn (seed {args.seed}) from row {args.ifeval_from} on; the quality runs use rows 0-99",
+                "ifeval_dev_rows": (
+                    f"{args.ifeval_prompts} drawn (seed {args.seed}) from row "
+                    f"{args.ifeval_from} on; the quality runs use rows 0-99"
+                ),
                 "arithmetic": args.arithmetic_prompts,
             },
             "reward": "rules (IFEval checkers; exact-answer regex for arithmetic)",
@@ -297,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
             "seed": args.seed,
             "beta": args.beta,
             "epochs": args.epochs,
+            "epoch_kept": report.epochs,
             "pairs": len(pairs),
             "prompts_all_tied": ties,
             "train_pairs": len(train),

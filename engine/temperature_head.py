@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,10 @@ class TemperatureHead(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden_dim, num_temperatures),
         )
+        # The last layer starts at zero: an untrained head is uniform over the set, as LPO's
+        # first round assumes, and early stopping keeps what was learned, not the init noise.
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
         self.register_buffer("feature_mean", torch.zeros(input_dim))
         self.register_buffer("feature_scale", torch.ones(input_dim))
 
@@ -116,6 +121,13 @@ class LogitsTemperatureHead:
             self.first_weight = (weight @ recover).contiguous()  # (head_hidden, vocab)
             self.first_bias = first.bias - weight @ head.feature_mean
         self.rest = nn.Sequential(*rest).eval()
+
+    def to(self, device: torch.device) -> LogitsTemperatureHead:
+        """Move the folded weights to ``device`` (the logits' device); returns ``self``."""
+        self.first_weight = self.first_weight.to(device)
+        self.first_bias = self.first_bias.to(device)
+        self.rest = self.rest.to(device)
+        return self
 
     @torch.no_grad()
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -205,7 +217,7 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     uniform."""
     log_p = torch.log_softmax(logits, dim=-1)
     entropy = -(log_p.exp() * log_p).nan_to_num().sum(dim=-1)
-    return entropy / torch.log(torch.tensor(float(logits.shape[-1])))
+    return entropy / math.log(logits.shape[-1])
 
 
 def entropy_temperature(

@@ -147,7 +147,9 @@ class _Row:
 class _Batch:
     """The opted-in rows of the persistent batch, as tensors (rebuilt when it changes)."""
 
-    def __init__(self, rows: Mapping[int, _Row], heads: Mapping[str, _LoadedHead]) -> None:
+    def __init__(
+        self, rows: Mapping[int, _Row], heads: Mapping[str, _LoadedHead], device: torch.device
+    ) -> None:
         ordered = sorted(rows.items())
         specs = [row.spec for _, row in ordered]
         self.size = len(ordered)
@@ -178,7 +180,10 @@ class _Batch:
                     ],
                     dtype=torch.long,
                 )
-                self.by_head.append((loaded.head, where, mapping, sample))
+                self.by_head.append((loaded.head, where.to(device), mapping.to(device), sample))
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
 
 
 def _positions(specs: list[RowSpec], predicate: Any) -> torch.Tensor | None:
@@ -218,16 +223,18 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
         self._device = device
         max_rows = int(vllm_config.scheduler_config.max_num_seqs)
         max_len = int(vllm_config.model_config.max_model_len)
-        self._history = torch.zeros((max_rows, max_len), dtype=torch.float32)
-        self._counts = torch.zeros(max_rows, dtype=torch.long)
+        self._history = torch.zeros((max_rows, max_len), dtype=torch.float32, device=device)
+        self._counts = torch.zeros(max_rows, dtype=torch.long, device=device)
         self._free = list(range(max_rows - 1, -1, -1))
         self._rows: dict[int, _Row] = {}
         self._batch: _Batch | None = None
-        self._finished: OrderedDict[str, list[float]] = OrderedDict()
+        self._finished: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._active: dict[str, int] = {}
         additional = getattr(vllm_config, "additional_config", None) or {}
         configured = additional.get(HEADS_CONFIG_KEY, {}) if isinstance(additional, dict) else {}
-        self._heads = load_heads(configured, vllm_config.model_config.model) if configured else {}
+        self._heads = (
+            load_heads(configured, vllm_config.model_config.model, device) if configured else {}
+        )
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -245,24 +252,32 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
                 self._rows[index] = self._admit(spec, len(output))
                 changed = True
         for first, second, direction in batch_update.moved:
-            a, b = self._rows.pop(first, None), self._rows.pop(second, None)
+            if direction == MoveDirectionality.SWAP:
+                a, b = self._rows.pop(first, None), self._rows.pop(second, None)
+                if b is not None:
+                    self._rows[first] = b
+            else:  # first overwrites second, whose request (if any) is gone
+                changed |= self._release(second)
+                a = self._rows.pop(first, None)
+                b = None
             if a is not None:
                 self._rows[second] = a
-            if b is not None and direction == MoveDirectionality.SWAP:
-                self._rows[first] = b
             changed |= a is not None or b is not None
         if changed:
-            self._batch = _Batch(self._rows, self._heads) if self._rows else None
+            self._batch = _Batch(self._rows, self._heads, self._device) if self._rows else None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         batch = self._batch
         if batch is None:
             return logits
         rows = logits[batch.indices]
-        choice = torch.zeros(batch.size, dtype=torch.long)
+        device = logits.device
+        choice = torch.zeros(batch.size, dtype=torch.long, device=device)
         if batch.uniform is not None:
             counts = batch.counts[batch.uniform]
-            choice[batch.uniform] = (torch.rand(len(counts)) * counts).long().clamp_max(counts - 1)
+            choice[batch.uniform] = (
+                (torch.rand(len(counts), device=device) * counts).long().clamp_max(counts - 1)
+            )
         if batch.entropy is not None:
             where = batch.entropy
             wanted = entropy_temperature(
@@ -282,23 +297,25 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
         greedy = temperatures <= 0
         if bool(greedy.any()):
             keep = torch.zeros_like(scaled, dtype=torch.bool)
-            keep[torch.arange(batch.size), rows.argmax(dim=-1)] = True
+            keep[torch.arange(batch.size, device=device), rows.argmax(dim=-1)] = True
             scaled = torch.where(greedy[:, None] & ~keep, -torch.inf, scaled)
         if batch.any_choose:
             forced = torch.full_like(scaled, -torch.inf)
-            forced[torch.arange(batch.size), choice] = 0.0
+            forced[torch.arange(batch.size, device=device), choice] = 0.0
             scaled = torch.where(batch.choose[:, None], forced, scaled)
         logits[batch.indices] = scaled
         return logits
 
     def take_records(self, keys: list[str]) -> dict[str, list[float]]:
-        """The temperatures recorded for each key (finished records are forgotten)."""
+        """The temperatures recorded for each key. Each record is returned once: a finished
+        one is forgotten, and an active one (its last token sampled, its removal from the
+        batch not yet seen) is not kept when it leaves."""
         found: dict[str, list[float]] = {}
         for key in keys:
             if key in self._finished:
-                found[key] = self._finished.pop(key)
+                found[key] = self._finished.pop(key).tolist()
             elif key in self._active:
-                slot = self._active[key]
+                slot = self._active.pop(key)
                 found[key] = self._history[slot, : int(self._counts[slot])].tolist()
         return found
 
@@ -308,15 +325,13 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
         self._counts[slots] += 1
 
     def _admit(self, spec: RowSpec, generated: int) -> _Row:
-        if not self._free:  # more rows than max_num_seqs: cannot happen in vLLM
-            raise RuntimeError("adaptive temperature: no free record slot")
-        slot = self._free.pop()
+        slot = self._free_slot()
         self._counts[slot] = 0
         if spec.record is not None:
             # A preempted request comes back with its tokens so far: continue its record.
             earlier = self._finished.pop(spec.record, None)
-            if earlier and generated:
-                kept = torch.tensor(earlier[-generated:], dtype=torch.float32)
+            if earlier is not None and generated:
+                kept = earlier[-generated:]
                 self._history[slot, : len(kept)] = kept
                 self._counts[slot] = len(kept)
             self._active[spec.record] = slot
@@ -325,6 +340,21 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
             spec = RowSpec(mode="entropy", temperatures=(1.0,), record=spec.record)
         return _Row(spec, slot)
 
+    def _free_slot(self) -> int:
+        """A record slot for a new row. Never raises: an exception here would kill the
+        engine, so slots are reclaimed from rows no longer in the batch, or added."""
+        if not self._free:
+            in_use = {row.slot for row in self._rows.values()}
+            self._free = [s for s in range(len(self._counts) - 1, -1, -1) if s not in in_use]
+            if self._free:
+                logger.warning("adaptive temperature: reclaimed %d record slots", len(self._free))
+        if not self._free:
+            rows, width = self._history.shape
+            self._history = torch.cat([self._history, self._history.new_zeros((rows, width))])
+            self._counts = torch.cat([self._counts, self._counts.new_zeros(rows)])
+            self._free = list(range(2 * rows - 1, rows - 1, -1))
+        return self._free.pop()
+
     def _release(self, index: int) -> bool:
         row = self._rows.pop(index, None)
         if row is None:
@@ -332,7 +362,7 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
         key = row.spec.record
         if key is not None and self._active.get(key) == row.slot:
             del self._active[key]
-            self._finished[key] = self._history[row.slot, : int(self._counts[row.slot])].tolist()
+            self._finished[key] = self._history[row.slot, : int(self._counts[row.slot])].clone()
             while len(self._finished) > MAX_FINISHED_RECORDS:
                 self._finished.popitem(last=False)
         self._free.append(row.slot)
@@ -346,7 +376,9 @@ def _spec_or_none(params: SamplingParams) -> RowSpec | None:
         return None
 
 
-def load_heads(configured: Mapping[str, str], model_dir: str) -> dict[str, _LoadedHead]:
+def load_heads(
+    configured: Mapping[str, str], model_dir: str, device: torch.device | None = None
+) -> dict[str, _LoadedHead]:
     """Load and fold the configured heads for the model in ``model_dir``.
 
     A head trained for another model (its fingerprint differs) is skipped with a warning.
@@ -363,7 +395,8 @@ def load_heads(configured: Mapping[str, str], model_dir: str) -> dict[str, _Load
         if manifest.model_fingerprint != fingerprint:
             logger.warning("adaptive temperature: head %r was trained for another model", name)
             continue
-        loaded[name] = _LoadedHead(LogitsTemperatureHead(head, unembedding), manifest.temperatures)
+        folded = LogitsTemperatureHead(head, unembedding).to(device or torch.device("cpu"))
+        loaded[name] = _LoadedHead(folded, manifest.temperatures)
     return loaded
 
 

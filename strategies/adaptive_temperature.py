@@ -46,7 +46,7 @@ from ttalign.strategies.base import (
 )
 from ttalign.strategies.errors import InvalidStrategyRequest
 from ttalign.strategies.registry import register_strategy
-from ttalign.strategies.sampling import PartialCompletion
+from ttalign.strategies.sampling import PartialCompletion, offset_seed
 
 #: The paper's temperature set, used by ``entropy`` when the request names none.
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -309,7 +309,7 @@ class _TokenLevel:
 
     def _sampling(self, index: int) -> SamplingSettings:
         base = self._ctx.request.sampling
-        seed = None if base.seed is None else base.seed + index
+        seed = offset_seed(base.seed, index)
         if self._plan.fixed is not None:
             return replace(base, n=1, temperature=self._plan.fixed, seed=seed)
         extra = self._plan.extra_args(record=self._keys[index])

@@ -28,6 +28,7 @@ from ttalign.engine.base import (
     Prompt,
     SamplingSettings,
     StopReason,
+    TemperatureHeadInfo,
     TokenLogprob,
 )
 
@@ -284,3 +285,54 @@ class FakeReward:
 
     async def close(self) -> None:
         return None
+
+
+#: ``extra_args`` key of the adaptive-temperature logits processor (as in
+#: ``engine.vllm_adaptive_temperature.EXTRA_ARGS_KEY``; the fakes must not import vLLM).
+TEMPERATURE_KEY = "ttalign_temperature"
+
+
+def constant_record(prompt: str, sampling: SamplingSettings, num_tokens: int) -> list[float]:
+    """Every token sampled at 1.0."""
+    return [1.0] * num_tokens
+
+
+@dataclass
+class AdaptiveFakeEngine(FakeEngine):
+    """A :class:`FakeEngine` that is also an
+    :class:`~ttalign.engine.base.AdaptiveTemperatureEngine`, simulating the processor.
+
+    A call whose ``extra_args`` opt in with ``choose`` returns one token whose id is
+    :attr:`chosen_index` (the probe of example level); one with ``record`` answers by the
+    script and stores ``record_script(prompt, sampling, num_tokens)`` under the key, read
+    once through :meth:`temperature_records` (the real records may hold more entries than
+    tokens: the reader takes the last ones).
+    """
+
+    temperature_heads: dict[str, TemperatureHeadInfo] = field(default_factory=dict)
+    chosen_index: int = 0
+    record_script: Callable[[str, SamplingSettings, int], list[float]] = constant_record
+    records: dict[str, list[float]] = field(default_factory=dict)
+
+    async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
+        spec = (sampling.extra_args or {}).get(TEMPERATURE_KEY)
+        if not isinstance(spec, Mapping):
+            return await super().generate(prompt, sampling)
+        text = self.prompt_text(prompt)
+        if spec.get("choose"):
+            if sampling.n != 1 or sampling.max_tokens != 1:
+                raise AssertionError("a choose probe must be n=1, max_tokens=1")
+            self.calls.append(EngineCall(text, sampling, [""], prompt))
+            choice = Completion(0, "", (self.chosen_index,), "length")
+            return Generation(prompt_tokens=len(text.split()), completions=(choice,))
+        generation = await super().generate(prompt, sampling)
+        key = spec.get("record")
+        if key is not None:
+            if sampling.n != 1:
+                raise AssertionError("a recorded call must be n=1 (one record per request)")
+            tokens = generation.completions[0].num_tokens
+            self.records[str(key)] = list(self.record_script(text, sampling, tokens))
+        return generation
+
+    async def temperature_records(self, keys: Sequence[str]) -> dict[str, list[float]]:
+        return {key: self.records.pop(key) for key in keys if key in self.records}

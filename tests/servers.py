@@ -165,3 +165,17 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> No
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+def validated_chunks(client: Any, arguments: dict[str, Any]) -> list[Any]:
+    """Stream ``chat.completions.create(stream=True, **arguments)`` and validate every raw SSE
+    event against the openai SDK's chunk model (the client builds objects unchecked)."""
+    from openai.types.chat import ChatCompletionChunk
+
+    with client.chat.completions.with_streaming_response.create(
+        stream=True, **arguments
+    ) as response:
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events), events
+    assert events[-1] == "data: [DONE]"
+    return [ChatCompletionChunk.model_validate_json(e.removeprefix("data: ")) for e in events[:-1]]

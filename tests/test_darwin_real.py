@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.servers import RunningServer, wait_until
+from tests.servers import RunningServer, validated_chunks, wait_until
 
 pytestmark = pytest.mark.real_engine
 
@@ -85,13 +85,7 @@ def whole(client: openai.OpenAI, reward: str, n: int = 1) -> ChatCompletion:
 
 def streamed(client: openai.OpenAI, reward: str) -> list[ChatCompletionChunk]:
     """A streamed request; every raw SSE event is validated against the SDK's chunk model."""
-    with client.chat.completions.with_streaming_response.create(
-        stream=True, **request(reward)
-    ) as response:
-        events = [line for line in response.iter_lines() if line]
-    assert all(line.startswith("data: ") for line in events), events
-    assert events[-1] == "data: [DONE]"
-    return [ChatCompletionChunk.model_validate_json(e.removeprefix("data: ")) for e in events[:-1]]
+    return validated_chunks(client, request(reward))
 
 
 @pytest.fixture(scope="module")
