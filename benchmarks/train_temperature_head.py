@@ -247,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-memory", type=int, default=2 * 2**30)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument(
-        "--beta", type=float, help="LPO beta (default: 1 at example level, 0.02 at token level, chosen on the held-out pairs)"
+        "--beta",
+        type=float,
+        help="LPO beta (default: 1 at example level, 0.02 at token level, chosen on the "
+        "held-out pairs)",
     )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--learning-rate", type=float, default=1e-3)

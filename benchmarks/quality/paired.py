@@ -38,18 +38,31 @@ def per_prompt(run: Mapping[str, Any], metric: str) -> dict[str, float]:
     return values
 
 
+def shared_prompts(a: Mapping[str, float], b: Mapping[str, float]) -> list[str]:
+    """The prompts both runs answered, sorted; a ``ValueError`` when there are none."""
+    shared = sorted(a.keys() & b.keys())
+    if not shared:
+        raise ValueError("the runs share no answered prompt")
+    return shared
+
+
+def bootstrap_interval(
+    values: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED
+) -> tuple[float, float]:
+    """The 95 % percentile bootstrap interval of the mean of per-prompt ``values``."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(values), size=(resamples, len(values)))
+    low, high = np.percentile(values[draws].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
+
 def paired_difference(
     a: Mapping[str, float], b: Mapping[str, float], resamples: int = RESAMPLES, seed: int = SEED
 ) -> dict[str, float]:
     """Mean of ``a - b`` over the prompts both have, and its 95 % bootstrap interval."""
-    shared = sorted(a.keys() & b.keys())
-    if not shared:
-        raise ValueError("the runs share no answered prompt")
+    shared = shared_prompts(a, b)
     differences = np.array([a[key] - b[key] for key in shared])
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(shared), size=(resamples, len(shared)))
-    means = differences[draws].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
+    low, high = bootstrap_interval(differences, resamples, seed)
     return {
         "prompts": len(shared),
         "difference": float(differences.mean()),

@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ttalign.benchmarks.quality.paired import RESAMPLES, SEED, per_prompt
+from ttalign.benchmarks.quality.paired import (
+    RESAMPLES,
+    SEED,
+    bootstrap_interval,
+    per_prompt,
+    shared_prompts,
+)
 
 METRICS = {
     "rules": "IFEval instructions met (strict), the training reward",
@@ -50,16 +56,13 @@ def win_rate(
     a: Mapping[str, float], b: Mapping[str, float], resamples: int = RESAMPLES, seed: int = SEED
 ) -> dict[str, Any]:
     """How often ``a`` beats ``b`` prompt by prompt (ties count ½), with a bootstrap interval."""
-    shared = sorted(a.keys() & b.keys())
-    if not shared:
-        raise ValueError("the runs share no answered prompt")
+    shared = shared_prompts(a, b)
     outcomes = np.array([1.0 if a[k] > b[k] else 0.5 if a[k] == b[k] else 0.0 for k in shared])
-    rng = np.random.default_rng(seed)
-    means = outcomes[rng.integers(0, len(shared), size=(resamples, len(shared)))].mean(axis=1)
+    low, high = bootstrap_interval(outcomes, resamples, seed)
     return {
         "win_rate": float(outcomes.mean()),
-        "low": float(np.percentile(means, 2.5)),
-        "high": float(np.percentile(means, 97.5)),
+        "low": low,
+        "high": high,
         "wins": int((outcomes == 1.0).sum()),
         "ties": int((outcomes == 0.5).sum()),
         "losses": int((outcomes == 0.0).sum()),
