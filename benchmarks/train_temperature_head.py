@@ -89,6 +89,24 @@ def ifeval_prompts(path: Path, start: int, count: int, seed: int) -> list[Traini
     ]
 
 
+def file_prompts(path: Path) -> list[TrainingPrompt]:
+    """A prompt set of your own: JSON lines with ``prompt`` and optional ``id``, ``family``
+    and ``constraints`` (the ``rules`` reward's constraint objects)."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            row = json.loads(line)
+            prompts.append(
+                TrainingPrompt(
+                    str(row.get("id", number)),
+                    str(row.get("family", "file")),
+                    row["prompt"],
+                    list(row.get("constraints") or []),
+                )
+            )
+    return prompts
+
+
 @dataclass
 class Reply:
     token_ids: list[int]
@@ -97,10 +115,8 @@ class Reply:
 
 
 async def sample_prompt(
-    engine: Any, prompt: TrainingPrompt, args: argparse.Namespace
+    engine: Any, rewards: Any, prompt: TrainingPrompt, args: argparse.Namespace
 ) -> tuple[list[int], list[Reply]]:
-    from ttalign.reward_clients.rules import RuleVerifierReward
-
     conversation = [{"role": "user", "content": prompt.text}]
     prompt_ids = await engine.render_chat(conversation)
     temperatures = list(args.temperatures)
@@ -125,7 +141,7 @@ async def sample_prompt(
 
     replies = await asyncio.gather(*(one(i) for i in range(args.samples)))
     texts = [await engine.decode(r.token_ids) for r in replies]
-    reward = RuleVerifierReward().bind(prompt.constraints)
+    reward = rewards.get(args.reward, constraints=tuple(prompt.constraints))
     for reply, score in zip(replies, await reward.score(conversation, texts), strict=True):
         reply.reward = float(score)
     return prompt_ids, list(replies)
@@ -140,6 +156,11 @@ async def sample_all(
         args.model, model_name="policy", enforce_eager=True, kv_cache_memory=args.kv_cache_memory,
         max_model_len=2048, max_num_seqs=max(64, args.samples * args.concurrency),
     )  # fmt: skip
+    from ttalign.reward_clients.config import load_reward_registry
+
+    # The judge reward, if named, judges with the policy being trained, as on the server.
+    rewards = load_reward_registry(args.reward_config, None, engine=engine)
+    rewards.get(args.reward, constraints=tuple(prompts[0].constraints))  # fail fast
     limiter = asyncio.Semaphore(args.concurrency)
     done = 0
     started = time.monotonic()
@@ -147,7 +168,7 @@ async def sample_all(
     async def guarded(prompt: TrainingPrompt) -> tuple[TrainingPrompt, list[int], list[Reply]]:
         nonlocal done
         async with limiter:
-            prompt_ids, replies = await sample_prompt(engine, prompt, args)
+            prompt_ids, replies = await sample_prompt(engine, rewards, prompt, args)
         done += 1
         if done % 10 == 0:
             print(
@@ -159,6 +180,7 @@ async def sample_all(
     try:
         return list(await asyncio.gather(*(guarded(p) for p in prompts)))
     finally:
+        await rewards.close()
         await engine.shutdown()
 
 
@@ -240,6 +262,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--ifeval-prompts", type=int, default=150)
     parser.add_argument("--arithmetic-prompts", type=int, default=50)
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        help="JSON lines of training prompts (default: IFEval dev rows from --ifeval-from "
+        "plus synthetic arithmetic); never the prompts you evaluate on",
+    )
+    parser.add_argument(
+        "--reward",
+        default="rules",
+        help="reward client: rules (default), judge (the policy as LLM judge), or a client "
+        "defined in --reward-config (a vLLM pooling reward model, TEI, a composite, ...)",
+    )
+    parser.add_argument("--reward-config", type=Path, help="reward clients file, as for serve")
     parser.add_argument("--samples", type=int, default=8, help="replies per prompt (N)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperatures", type=float, nargs="+", default=list(DEFAULT_TEMPERATURES))
@@ -270,10 +305,13 @@ def main(argv: list[str] | None = None) -> None:
 
         args.model = str(prepare_embedded_model())
     temperatures = tuple(args.temperatures)
-    prompts = ifeval_prompts(
-        args.eval_dir / "ifeval_dev.jsonl", args.ifeval_from, args.ifeval_prompts, args.seed
-    )
-    prompts += arithmetic_prompts(args.arithmetic_prompts, args.seed)
+    if args.prompts is not None:
+        prompts = file_prompts(args.prompts)
+    else:
+        prompts = ifeval_prompts(
+            args.eval_dir / "ifeval_dev.jsonl", args.ifeval_from, args.ifeval_prompts, args.seed
+        )
+        prompts += arithmetic_prompts(args.arithmetic_prompts, args.seed)
     started = time.monotonic()
     if args.samples_cache is not None and args.samples_cache.is_file():
         sampled = load_samples(args.samples_cache, prompts)
@@ -324,14 +362,20 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m ttalign.benchmarks.train_temperature_head "
             + " ".join(sys.argv[1:] if argv is None else argv),
             "method": "LPO, one round, replies sampled with uniformly drawn temperatures",
-            "prompts": {
+            "prompts": {"file": str(args.prompts)}
+            if args.prompts
+            else {
                 "ifeval_dev_rows": (
                     f"{args.ifeval_prompts} drawn (seed {args.seed}) from row "
                     f"{args.ifeval_from} on; the quality runs use rows 0-99"
                 ),
                 "arithmetic": args.arithmetic_prompts,
             },
-            "reward": "rules (IFEval checkers; exact-answer regex for arithmetic)",
+            "reward": (
+                "rules (IFEval checkers; exact-answer regex for arithmetic)"
+                if args.reward == "rules"
+                else args.reward
+            ),
             "samples_per_prompt": args.samples,
             "max_tokens": args.max_tokens,
             "seed": args.seed,
