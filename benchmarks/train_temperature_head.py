@@ -184,25 +184,34 @@ async def sample_all(
         await engine.shutdown()
 
 
-def save_samples(path: Path, sampled: list[tuple[TrainingPrompt, list[int], list[Reply]]]) -> None:
+def save_samples(
+    path: Path,
+    sampled: list[tuple[TrainingPrompt, list[int], list[Reply]]],
+    sampling_seconds: float,
+) -> None:
     rows = [
         {"id": p.id, "prompt_ids": ids, "replies": [vars(r) for r in replies]}
         for p, ids, replies in sampled
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows))
+    path.write_text(json.dumps({"sampling_seconds": sampling_seconds, "rows": rows}))
 
 
 def load_samples(
     path: Path, prompts: list[TrainingPrompt]
-) -> list[tuple[TrainingPrompt, list[int], list[Reply]]]:
+) -> tuple[list[tuple[TrainingPrompt, list[int], list[Reply]]], float | None]:
+    """The cached replies of ``prompts``, and how long sampling them took (if recorded)."""
+    data = json.loads(path.read_text())
+    rows, seconds = (
+        (data, None) if isinstance(data, list) else (data["rows"], data.get("sampling_seconds"))
+    )
     by_id = {p.id: p for p in prompts}
-    rows = json.loads(path.read_text())
-    return [
+    sampled = [
         (by_id[row["id"]], row["prompt_ids"], [Reply(**r) for r in row["replies"]])
         for row in rows
         if row["id"] in by_id
     ]
+    return sampled, seconds
 
 
 def nearest_indices(values: list[float], temperatures: tuple[float, ...]) -> torch.Tensor:
@@ -313,13 +322,15 @@ def main(argv: list[str] | None = None) -> None:
         )
         prompts += arithmetic_prompts(args.arithmetic_prompts, args.seed)
     started = time.monotonic()
-    if args.samples_cache is not None and args.samples_cache.is_file():
-        sampled = load_samples(args.samples_cache, prompts)
+    refit = args.samples_cache is not None and args.samples_cache.is_file()
+    if refit:
+        sampled, sampling_seconds = load_samples(args.samples_cache, prompts)
     else:
         sampled = asyncio.run(sample_all(prompts, args))
+        sampling_seconds = time.monotonic() - started
         if args.samples_cache is not None:
-            save_samples(args.samples_cache, sampled)
-    sampling_seconds = time.monotonic() - started
+            save_samples(args.samples_cache, sampled, sampling_seconds)
+    fitting = time.monotonic()
 
     states = HiddenStates(args.model)
     pairs: list[PreferencePair] = []
@@ -397,8 +408,10 @@ def main(argv: list[str] | None = None) -> None:
             }
             if args.level == "example"
             else None,
-            "sampling_seconds": round(sampling_seconds, 1),
-            "total_seconds": round(time.monotonic() - started, 1),
+            "refit_from_cached_samples": refit,
+            "sampling_seconds": None if sampling_seconds is None else round(sampling_seconds, 1),
+            # Sampling (as first measured, for a refit) plus features and fitting.
+            "total_seconds": round((sampling_seconds or 0.0) + time.monotonic() - fitting, 1),
         },
     )
     path = save_head(head, manifest, args.out)

@@ -55,5 +55,5 @@ def test_a_prompt_file_and_the_sample_cache_round_trip(tmp_path: Path) -> None:
     ]
     sampled = [(prompts[0], [1, 2], [Reply([5, 6], [0.2, 1.0], 0.5)])]
     cache = tmp_path / "cache" / "samples.json"
-    save_samples(cache, sampled)
-    assert load_samples(cache, prompts) == sampled
+    save_samples(cache, sampled, 12.5)
+    assert load_samples(cache, prompts) == (sampled, 12.5)
