@@ -5,18 +5,14 @@ With ``vllm_memory`` and ``vllm_errors`` beside it, the only code that imports v
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from ttalign.engine.base import (
-    SEED_MAX,
-    SEED_MIN,
     Completion,
     CompletionDelta,
     EngineHealth,
@@ -29,35 +25,21 @@ from ttalign.engine.base import (
     TemperatureHeadInfo,
     TokenLogprob,
 )
+from ttalign.engine.local_tokenizer import (
+    SAMPLING_DEFAULT_KEYS,
+    LocalTokenizer,
+    RendersLocally,
+    eos_ids,
+    load_chat_template,
+)
+from ttalign.engine.sampling_rules import SEED_RANGE, greedy_copies
 from ttalign.engine.vllm_errors import request_error, unavailable_error
 from ttalign.engine.vllm_memory import check_kv_cache_fits, cpu_node_memory, start_failure_message
 
 logger = logging.getLogger(__name__)
 
-#: vLLM samples greedily below this temperature (its ``_SAMPLING_EPS``).
-GREEDY_TEMPERATURE = 1e-5
 
-#: The ``generation_config.json`` fields that ``vllm serve`` uses as sampling defaults.
-SAMPLING_DEFAULT_KEYS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "max_tokens",
-    }
-)
-
-#: Seeds passed to vLLM: signed 64-bit. vLLM fails a request whose seed is outside
-#: [-2**63, 2**64) with an internal error (its msgpack encoder overflows), and torch takes
-#: [2**63, 2**64) as the negative seeds' two's complement, so int64 covers every seed.
-SEED_RANGE = range(SEED_MIN, SEED_MAX + 1)
-
-
-class VllmEngine:
+class VllmEngine(RendersLocally):
     """An :class:`~ttalign.engine.base.EngineClient` over an in-process ``AsyncLLM``."""
 
     def __init__(
@@ -72,6 +54,7 @@ class VllmEngine:
         self._chat_template = chat_template
         self._model_name = model_name
         self._tokenizer = llm.get_tokenizer()
+        self._text = LocalTokenizer(self._tokenizer, chat_template)
         self._max_model_len = int(llm.model_config.max_model_len)
         self._sampling_defaults = model_sampling_defaults(llm.model_config)
         self._eos_token_ids = eos_token_ids(self._tokenizer, llm.model_config)
@@ -169,24 +152,6 @@ class VllmEngine:
     def sampling_defaults(self) -> Mapping[str, float | int]:
         return self._sampling_defaults
 
-    async def render_chat(
-        self, messages: Sequence[dict[str, str]], *, continue_final_message: bool = False
-    ) -> list[int]:
-        # A long conversation takes seconds to render and tokenize; the event loop serves
-        # every other stream meanwhile.
-        return await asyncio.to_thread(self._render_chat, messages, continue_final_message)
-
-    async def count_tokens(self, text: str) -> int:
-        return await asyncio.to_thread(self._count_tokens, text)
-
-    async def tokenize(self, text: str) -> list[int]:
-        return await asyncio.to_thread(self._tokenizer.encode, text, add_special_tokens=False)
-
-    async def decode(self, token_ids: Sequence[int]) -> str:
-        return await asyncio.to_thread(
-            self._tokenizer.decode, list(token_ids), skip_special_tokens=True
-        )
-
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos_token_ids
@@ -201,40 +166,10 @@ class VllmEngine:
         results = await self._llm.collective_rpc("ttalign_temperature_records", args=(list(keys),))
         return dict(results[0]) if results else {}
 
-    def _render_chat(
-        self, messages: Sequence[dict[str, str]], continue_final_message: bool
-    ) -> list[int]:
-        from jinja2 import TemplateError
-
-        try:
-            rendered = self._tokenizer.apply_chat_template(
-                list(messages),
-                tokenize=True,
-                chat_template=self._chat_template,
-                add_generation_prompt=not continue_final_message,
-                continue_final_message=continue_final_message,
-            )
-        except (TemplateError, ValueError) as exc:
-            # Templates refuse conversations they cannot render (raise_exception), and
-            # transformers raises ValueError for ones it cannot apply the template to.
-            raise EngineRequestError(
-                f"The model's chat template refused these messages: {exc}", param="messages"
-            ) from None
-        # transformers 5 returns a BatchEncoding-like mapping; older versions a list.
-        ids = (
-            rendered["input_ids"]
-            if isinstance(rendered, dict) or hasattr(rendered, "keys")
-            else rendered
-        )
-        return list(ids)
-
-    def _count_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
-
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         from vllm.sampling_params import RequestOutputKind
 
-        copies, request = _greedy_copies(sampling)
+        copies, request = greedy_copies(sampling)
         final = None
         async with aclosing(self._run(prompt, request, RequestOutputKind.FINAL_ONLY)) as outputs:
             async for output in outputs:
@@ -261,7 +196,7 @@ class VllmEngine:
     ) -> AsyncIterator[CompletionDelta]:
         from vllm.sampling_params import RequestOutputKind
 
-        copies, request = _greedy_copies(sampling)
+        copies, request = greedy_copies(sampling)
         async with aclosing(self._run(prompt, request, RequestOutputKind.DELTA)) as outputs:
             async for output in outputs:
                 prompt_tokens = len(output.prompt_token_ids or ())
@@ -313,9 +248,7 @@ class VllmEngine:
         try:
             params = self._sampling_params(sampling, kind)
             token_ids = (
-                prompt
-                if isinstance(prompt, list)
-                else await asyncio.to_thread(self._tokenizer.encode, prompt)
+                prompt if isinstance(prompt, list) else await self._text.encode_prompt(prompt)
             )
             self._running.add(request_id)
             submitted = True
@@ -407,34 +340,11 @@ def model_sampling_defaults(model_config: Any) -> dict[str, float | int]:
 
 def eos_token_ids(tokenizer: Any, model_config: Any) -> frozenset[int]:
     """The tokenizer's end-of-sequence id plus the model's own (``generation_config.json``)."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ids = {int(eos)} if eos is not None else set()
     try:
         configured = model_config.try_get_generation_config().get("eos_token_id")
     except Exception:  # a model without a generation config: the tokenizer's id stands
         configured = None
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list):
-        ids.update(int(i) for i in configured)
-    return frozenset(ids)
-
-
-def load_chat_template(path: str) -> str:
-    """Read and parse a chat template file, so a bad one fails at start, not per request."""
-    from jinja2 import TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    try:
-        template = Path(path).read_text()
-        ImmutableSandboxedEnvironment().parse(template)
-    except OSError as exc:
-        raise EngineStartupError(f"--chat-template {path}: {exc.strerror}") from None
-    except TemplateSyntaxError as exc:
-        raise EngineStartupError(
-            f"--chat-template {path}: line {exc.lineno}: {exc.message}"
-        ) from None
-    return template
+    return eos_ids(tokenizer, configured)
 
 
 #: The CPU build's KV cache when none is configured. A fraction of "node memory" is
@@ -485,18 +395,6 @@ def resolve_dtype(dtype: str) -> str:
         return dtype
     logger.info("this CPU has no native bfloat16 support; serving in float32")
     return "float32"
-
-
-def _greedy_copies(sampling: SamplingSettings) -> tuple[int, SamplingSettings]:
-    """How many copies of one sample to return, and the settings to sample it with.
-
-    vLLM refuses ``n > 1`` when sampling greedily ("n must be 1 when using greedy
-    sampling"): every sample would be the same. So one greedy sample is made and
-    returned ``n`` times, which is what the client asked for.
-    """
-    if sampling.n > 1 and sampling.temperature < GREEDY_TEMPERATURE:
-        return sampling.n, replace(sampling, n=1)
-    return 1, sampling
 
 
 def _structured_outputs(structured: StructuredOutput | None) -> Any:

@@ -45,8 +45,16 @@ _GRAMMAR_WORDS = ("grammar", "json", "schema", "structured")
 def request_error(error: Exception, sampling: SamplingSettings) -> EngineRequestError:
     """The :class:`EngineRequestError` for a request vLLM refused, naming the API parameter."""
     message = vllm_message(error)
-    parameter = getattr(error, "parameter", None) or _named_in(message, sampling)
-    return EngineRequestError(message, param=_API_PARAMETERS.get(parameter, parameter))
+    return EngineRequestError(
+        message, param=api_parameter(getattr(error, "parameter", None), message, sampling)
+    )
+
+
+def api_parameter(named: str | None, message: str, sampling: SamplingSettings) -> str | None:
+    """The API parameter a vLLM refusal is about: the one vLLM named, else the one its
+    message starts with, by the API's name for it."""
+    parameter = named or _named_in(message, sampling)
+    return _API_PARAMETERS.get(parameter, parameter) if parameter else None
 
 
 def unavailable_error(error: Exception, model_name: str) -> EngineUnavailableError:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import Any
 
@@ -34,7 +35,7 @@ from ttalign.strategies import all_strategies
 
 logger = logging.getLogger(__name__)
 
-EngineFactory = Callable[[ServerSettings], EngineClient]
+EngineFactory = Callable[[ServerSettings], EngineClient | Awaitable[EngineClient]]
 RewardFactory = Callable[[ServerSettings, EngineClient, Metrics], RewardRegistry]
 EmbedderFactory = Callable[[ServerSettings], Embedder | None]
 
@@ -78,7 +79,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as cleanup:
             metrics = Metrics()
-            engine = engine_factory(settings)
+            built = engine_factory(settings)
+            engine = await built if inspect.isawaitable(built) else built
             cleanup.push_async_callback(engine.shutdown)
             rewards = reward_factory(settings, engine, metrics)
             cleanup.push_async_callback(rewards.close)
@@ -141,7 +143,8 @@ def _install_routes(app: FastAPI) -> None:
         parsed = None
         try:
             parsed = parse_request(await request.body())
-            prepared = service.prepare(parsed)
+            session = request.headers.get(service.settings.session_header)
+            prepared = service.prepare(parsed, session)
             admission.acquire()
         except APIError as exc:
             service.record_refusal(parsed.strategy if parsed else None, exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 
 from ttalign.engine.base import EngineClient, SamplingSettings
 from ttalign.server.settings import ServerSettings
@@ -38,8 +39,11 @@ def temperature_heads(settings: ServerSettings, model_path: str) -> dict[str, st
     return {name: str(heads[name]) for name in usable}
 
 
-def build_engine(settings: ServerSettings) -> EngineClient:
-    """Start the in-process vLLM engine (spawns vLLM's engine-core process)."""
+def build_engine(settings: ServerSettings) -> EngineClient | Awaitable[EngineClient]:
+    """The configured engine: the in-process vLLM engine (which spawns vLLM's engine-core
+    process), or, in remote mode, a connection to the fleet (awaited by the caller)."""
+    if settings.engine == "remote":
+        return connect_remote_engine(settings)
     from ttalign.engine.vllm_engine import VllmEngine
 
     model_path = resolve_model_path(settings)
@@ -58,6 +62,25 @@ def build_engine(settings: ServerSettings) -> EngineClient:
         seed=settings.seed,
         enforce_eager=settings.enforce_eager,
         temperature_heads=temperature_heads(settings, model_path),
+    )
+
+
+async def connect_remote_engine(settings: ServerSettings) -> EngineClient:
+    """Wait for the fleet in ``--engine-urls`` and check it serves ``--model``'s model."""
+    from ttalign.engine.remote_engine import RemoteEngine
+
+    return await RemoteEngine.connect(
+        settings.engine_url_list(),
+        resolve_model_path(settings),
+        model_name=settings.served_model_name,
+        chat_template=str(settings.chat_template) if settings.chat_template else None,
+        use_model_defaults=settings.generation_config == "auto",
+        routing=settings.engine_routing,
+        retries=settings.engine_retries,
+        health_interval=settings.health_check_interval,
+        session_header=settings.session_header or None,
+        start_timeout=settings.engine_start_timeout,
+        read_timeout=settings.engine_read_timeout,
     )
 
 

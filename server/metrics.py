@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: The gateway's own share of a request is milliseconds; finer buckets there.
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 #: The ``strategy`` label value that counts ``/v1/rewards/score`` calls.
 SCORE_ROUTE_LABEL = "rewards.score"
 
@@ -86,5 +92,64 @@ class Metrics:
             registry=r,
         )
 
+        self.gateway_overhead = Histogram(
+            "ttalign_gateway_overhead_seconds",
+            "Remote mode: a request's time in the gateway not spent waiting on any replica "
+            "or reward server (rendering, strategy logic, response building).",
+            ["strategy"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+
+    def watch_replicas(self, pools: Callable[[], Iterable[Any]]) -> None:
+        """Export the replica pools ``pools()`` returns (see ``engine.replicas``)."""
+        self.registry.register(ReplicaCollector(pools))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ReplicaCollector:
+    """Per-replica counters and health of every replica pool, read at scrape time."""
+
+    def __init__(self, pools: Callable[[], Iterable[Any]]) -> None:
+        self._pools = pools
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["pool", "replica"]
+        families = {
+            "requests": CounterMetricFamily(
+                "ttalign_replica_requests", "Calls sent to each replica.", labels=labels
+            ),
+            "errors": CounterMetricFamily(
+                "ttalign_replica_errors",
+                "Calls that failed on each replica (connection, timeout, 5xx).",
+                labels=labels,
+            ),
+            "retries": CounterMetricFamily(
+                "ttalign_replica_retries",
+                "Failed calls on each replica that were retried on another.",
+                labels=labels,
+            ),
+        }
+        healthy = GaugeMetricFamily(
+            "ttalign_replica_healthy", "1 while the replica is in the rotation.", labels=labels
+        )
+        active = GaugeMetricFamily(
+            "ttalign_replica_active_requests",
+            "User requests pinned to the replica right now.",
+            labels=labels,
+        )
+        for pool in self._pools():
+            for replica in pool.snapshot():
+                key = [pool.name, str(replica["url"])]
+                for name, family in families.items():
+                    family.add_metric(key, float(replica[name]))
+                healthy.add_metric(key, 1.0 if replica["healthy"] else 0.0)
+                active.add_metric(key, float(replica["active_requests"]))
+        yield from families.values()
+        yield healthy
+        yield active

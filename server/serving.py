@@ -22,6 +22,8 @@ from ttalign.engine.base import (
     StructuredOutput,
 )
 from ttalign.engine.metering import MeteredEngine
+from ttalign.engine.remote_engine import RemoteEngine
+from ttalign.engine.routing import RequestRouting, request_routing
 from ttalign.engine.timeline import CallTimeline
 from ttalign.reward_clients.registry import RewardRegistry, UnknownRewardError
 from ttalign.server.errors import (
@@ -71,6 +73,9 @@ class PreparedRequest:
     started: float
     #: The request's engine and reward calls, kept when it asked for a trace.
     timeline: CallTimeline | None = None
+    #: What a remote engine routes the request's calls by (the client's session header,
+    #: else the response id).
+    affinity_key: str = ""
 
 
 def load_prompt_overrides(path: Path | None) -> dict[str, str]:
@@ -169,11 +174,19 @@ class ChatCompletionService:
         #: The sentence embedder search strategies use (``None``: none configured).
         self.embedder = embedder
         self.prompt_overrides = load_prompt_overrides(settings.prompt_overrides)
+        #: Whether the engine is a fleet behind this server (then its overhead is measured).
+        self.gateway = isinstance(engine, RemoteEngine)
 
     # --- validation -------------------------------------------------------------------------
 
-    def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
-        """Check the request against server policy and build its strategy context."""
+    def prepare(
+        self, request: ChatCompletionRequest, affinity_key: str | None = None
+    ) -> PreparedRequest:
+        """Check the request against server policy and build its strategy context.
+
+        ``affinity_key`` (the client's session header) keeps a conversation's requests on
+        one replica in remote mode; without it each request is its own key.
+        """
         started = time.monotonic()
         if request.model != self.engine.model_name:
             raise ModelNotFoundError(request.model, self.engine.model_name)
@@ -210,15 +223,11 @@ class ChatCompletionService:
             strategy.check(context.request, config)
         except InvalidStrategyRequest as exc:
             raise to_api_error(exc) from None
+        header = ResponseHeader(self.engine.model_name)
         return PreparedRequest(
-            request,
-            strategy,
-            config,
-            context,
-            ResponseHeader(self.engine.model_name),
-            started,
-            timeline,
-        )
+            request, strategy, config, context, header, started, timeline,
+            affinity_key=affinity_key or header.id,
+        )  # fmt: skip
 
     def _strategy(self, name: str | None) -> Strategy[Any]:
         name = name or self.settings.default_strategy
@@ -323,7 +332,9 @@ class ChatCompletionService:
         """Run a non-streaming request to its JSON response."""
         status = 200
         try:
-            result = await prepared.strategy.run(prepared.context, prepared.config)
+            with request_routing(prepared.affinity_key) as scope:
+                result = await prepared.strategy.run(prepared.context, prepared.config)
+                self._record_overhead(prepared, scope)
             return prepared.header.completion(
                 result.choices,
                 await self._usage(prepared, result),
@@ -347,6 +358,8 @@ class ChatCompletionService:
         usage_field = {"usage": None} if include_usage else {}
         started_choices: set[int] = set()
         status = 200
+        routing = request_routing(prepared.affinity_key)
+        scope = routing.__enter__()
         try:
             async for event in prepared.strategy.stream(prepared.context, prepared.config):
                 if isinstance(event, ProgressEvent):
@@ -383,6 +396,7 @@ class ChatCompletionService:
                     tail: dict[str, Any] = {"alignment": self._alignment(prepared, result)}
                     if include_usage:
                         tail["usage"] = await self._usage(prepared, result)
+                    self._record_overhead(prepared, scope)
                     yield sse(header.chunk([], **tail))
         except Exception as exc:
             error = _client_error(exc)
@@ -392,6 +406,7 @@ class ChatCompletionService:
             status = CLIENT_CLOSED_REQUEST  # nobody is left to read an error frame
             raise
         finally:
+            routing.__exit__(None, None, None)
             self._record(prepared, status)
         yield DONE_FRAME
 
@@ -465,6 +480,12 @@ class ChatCompletionService:
         self.metrics.requests.labels(label, str(error.status_code)).inc()
         if error.status_code in (429, 503):
             self.metrics.rejected.labels(error.code or "refused").inc()
+
+    def _record_overhead(self, prepared: PreparedRequest, scope: RequestRouting) -> None:
+        """In remote mode: the request's time not spent waiting on an upstream server."""
+        if self.gateway:
+            overhead = scope.overhead_seconds()
+            self.metrics.gateway_overhead.labels(prepared.strategy.name).observe(overhead)
 
     def _record(self, prepared: PreparedRequest, status: int) -> None:
         m, name = self.metrics, prepared.strategy.name

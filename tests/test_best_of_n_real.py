@@ -8,7 +8,7 @@ import pytest
 
 from tests.servers import RunningServer
 
-pytestmark = pytest.mark.real_engine
+pytestmark = [pytest.mark.real_engine, pytest.mark.fleet]
 
 MODEL = "smollm2"
 QUESTION = [{"role": "user", "content": "Describe the sea in one short sentence."}]

@@ -25,8 +25,9 @@ from ttalign.engine.base import (
     SamplingSettings,
     StructuredOutput,
 )
+from ttalign.engine.local_tokenizer import LocalTokenizer, load_chat_template
 from ttalign.engine.metering import MeteredEngine
-from ttalign.engine.vllm_engine import VllmEngine, load_chat_template
+from ttalign.engine.vllm_engine import VllmEngine
 from ttalign.engine.vllm_errors import request_error, unavailable_error
 from ttalign.engine.vllm_memory import (
     NodeMemory,
@@ -264,10 +265,10 @@ async def test_a_template_that_refuses_the_messages_is_a_request_error() -> None
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise TemplateError("System messages must come first.")
 
-    engine, _ = stub_engine([])
-    engine._tokenizer = SimpleNamespace(apply_chat_template=refuse)
+    # Both engines render through LocalTokenizer.
+    text = LocalTokenizer(SimpleNamespace(apply_chat_template=refuse))
     with pytest.raises(EngineRequestError, match="System messages must come first") as caught:
-        await engine.render_chat([{"role": "user", "content": "hi"}])
+        await text.render_chat([{"role": "user", "content": "hi"}])
     assert caught.value.param == "messages"
 
 

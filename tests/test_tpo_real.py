@@ -10,7 +10,7 @@ import pytest
 
 from tests.servers import RunningServer
 
-pytestmark = pytest.mark.real_engine
+pytestmark = [pytest.mark.real_engine, pytest.mark.fleet]
 
 MODEL = "smollm2"
 DEPTH, WIDTH = 2, 4
