@@ -8,7 +8,10 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
     clients:
       skywork:                    # vLLM pooling server: vllm serve M --runner pooling
         type: vllm_pooling
-        url: http://127.0.0.1:8001
+        url: http://127.0.0.1:8001  # or urls: [...] (replicas balanced, retried and
+                                    # health-checked like the remote engine's)
+        health_check_interval: 5    # with urls: seconds between /health checks
+        replica_retries: 2          # with urls: other replicas a failed call is tried on
         model: Skywork/Skywork-Reward-V2-Llama-3.1-8B   # optional, sent as "model"
         tokenizer: /models/skywork  # optional: render locally and batch as token ids;
                                     # unset: one /classify "messages" request per candidate
@@ -53,7 +56,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ttalign.reward_clients import ifeval_checks
 from ttalign.reward_clients.backend import BackendSettings
 from ttalign.reward_clients.base import RewardClient
@@ -74,10 +77,34 @@ class _Strict(BaseModel):
 
 class VllmPoolingConfig(BackendSettings):
     type: Literal["vllm_pooling"]
-    url: str
+    url: str | None = Field(None, description="One pooling server (or a router in front).")
+    urls: list[str] | None = Field(
+        None, description="Replicas of the pooling server, balanced and health-checked here."
+    )
     model: str | None = None
     tokenizer: str | None = None
     label_index: int = Field(0, ge=0)
+    health_check_interval: float = Field(
+        5.0, gt=0, description="Seconds between checks of each replica's /health."
+    )
+    replica_retries: int = Field(
+        2, ge=0, description="How many other replicas a failed call is tried on."
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_the_servers(self) -> VllmPoolingConfig:
+        if (self.url is None) == (self.urls is None):
+            raise ValueError("give exactly one of url and urls")
+        if self.urls is not None:
+            if not self.urls:
+                raise ValueError("urls must list at least one URL")
+            if len({u.rstrip("/") for u in self.urls}) != len(self.urls):
+                raise ValueError("urls lists a URL twice")
+        return self
+
+    def replica_urls(self) -> list[str]:
+        """Every server URL, whichever of ``url`` and ``urls`` gave them."""
+        return [self.url] if self.url is not None else list(self.urls or [])
 
 
 class TeiConfig(BackendSettings):
@@ -240,8 +267,9 @@ class _Builder:
         )
         if isinstance(spec, VllmPoolingConfig):
             return VllmPoolingReward(
-                name, url=spec.url, model=spec.model, tokenizer=spec.tokenizer,
-                label_index=spec.label_index, settings=backend, metrics=m,
+                name, urls=spec.replica_urls(), model=spec.model, tokenizer=spec.tokenizer,
+                label_index=spec.label_index, health_check_interval=spec.health_check_interval,
+                replica_retries=spec.replica_retries, settings=backend, metrics=m,
             )  # fmt: skip
         if isinstance(spec, TeiConfig):
             return TeiReward(

@@ -1,8 +1,16 @@
-"""One JSON-over-HTTP helper for the HTTP reward backends, mapping failures for retries.
+"""JSON-over-HTTP helpers for the HTTP reward backends, mapping failures for retries.
 
-Timeouts, refused connections and 429/502/503/504 answers become
-:class:`~reward_clients.backend.TransientBackendError` (retried by the backend base); any
-other error status becomes :class:`~reward_clients.base.RewardClientError` at once.
+:class:`JsonHttp` talks to one base URL. Timeouts, refused connections and
+429/502/503/504 answers become :class:`~reward_clients.backend.TransientBackendError`
+(retried by the backend base); any other error status becomes
+:class:`~reward_clients.base.RewardClientError` at once.
+
+:class:`ReplicaJsonHttp` talks to a set of replicas through a
+:class:`~engine.replicas.ReplicaPool`: a call that cannot connect, or gets a 429 or a 5xx,
+moves on to another replica (one that refused the connection leaves the rotation until its
+health route answers). Only when the pool runs out of attempts does the call become a
+``TransientBackendError``, so the backend base's own retries and timeout still apply on
+top. Any other error status is a ``RewardClientError`` at once, as with one URL.
 """
 
 from __future__ import annotations
@@ -10,6 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from ttalign.engine.replicas import (
+    Replica,
+    ReplicaFailure,
+    ReplicaPool,
+    ReplicasExhausted,
+    is_retryable_status,
+    transport_failure,
+)
 from ttalign.reward_clients.backend import TransientBackendError
 from ttalign.reward_clients.base import RewardClientError
 
@@ -43,13 +59,60 @@ class JsonHttp:
             ) from exc
         if response.status_code in RETRYABLE_STATUSES:
             raise TransientBackendError("unavailable", f"{url} answered {response.status_code}")
-        if response.status_code >= 400:
-            body = response.text[:ERROR_BODY_CHARS]
-            raise RewardClientError(self.client, f"{url} answered {response.status_code}: {body}")
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise RewardClientError(self.client, f"{url} answered with invalid JSON") from exc
+        return _decoded(self.client, url, response)
 
     async def close(self) -> None:
         await self._http.aclose()
+
+
+class ReplicaJsonHttp:
+    """POSTs JSON to whichever replica of ``pool`` serves the call."""
+
+    def __init__(
+        self,
+        client: str,
+        pool: ReplicaPool,
+        *,
+        connect_timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.client = client
+        self.pool = pool
+        # The backend base bounds the whole call. A connect timeout of its own lets a call
+        # to an unreachable replica move on to another one within that bound.
+        timeout = httpx.Timeout(None, connect=connect_timeout)
+        self._http = httpx.AsyncClient(timeout=timeout, headers=headers)
+
+    async def post(self, path: str, payload: dict[str, Any]) -> Any:
+        """The decoded JSON answer of ``POST path`` from the first replica to serve it."""
+
+        async def attempt(replica: Replica, headers: dict[str, str]) -> Any:
+            url = f"{replica.url}{path}"
+            try:
+                response = await self._http.post(url, json=payload, headers=headers)
+            except httpx.HTTPError as exc:
+                raise transport_failure(replica.url, exc) from exc
+            if is_retryable_status(response.status_code):
+                body = response.text[:ERROR_BODY_CHARS]
+                raise ReplicaFailure(f"{url} answered {response.status_code}: {body}")
+            return _decoded(self.client, url, response)
+
+        try:
+            return await self.pool.call(attempt)
+        except ReplicasExhausted as exc:
+            raise TransientBackendError("unavailable", str(exc)) from None
+
+    async def close(self) -> None:
+        """Close the connections (the pool is its owner's to close)."""
+        await self._http.aclose()
+
+
+def _decoded(client: str, url: str, response: httpx.Response) -> Any:
+    """The JSON body of a non-retryable answer; a ``RewardClientError`` for an error status."""
+    if response.status_code >= 400:
+        body = response.text[:ERROR_BODY_CHARS]
+        raise RewardClientError(client, f"{url} answered {response.status_code}: {body}")
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise RewardClientError(client, f"{url} answered with invalid JSON") from exc

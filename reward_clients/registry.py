@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Protocol, runtime_checkable
 
 from pydantic import AfterValidator
+from ttalign.engine.replicas import ReplicaPool
 from ttalign.reward_clients.base import RewardClient
 
 
@@ -74,6 +75,18 @@ class RewardRegistry:
         if isinstance(client, ConstraintAware):
             return client.bind(constraints)
         return client
+
+    def replica_pools(self) -> list[ReplicaPool]:
+        """The replica pool of every client that balances over replicas (its ``pool``).
+
+        In client-name order, each pool once; for per-replica health and metrics.
+        """
+        pools: dict[int, ReplicaPool] = {}
+        for name in self.names():
+            pool = getattr(self._clients[name], "pool", None)
+            if isinstance(pool, ReplicaPool):
+                pools.setdefault(id(pool), pool)
+        return list(pools.values())
 
     async def close(self) -> None:
         for client in self._clients.values():

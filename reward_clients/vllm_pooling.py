@@ -7,6 +7,12 @@ template (in a worker thread) and sends the whole batch as token ids in one requ
 without one it sends one ``messages`` request per candidate, concurrently, and lets the
 server render them. ``use_activation: false`` makes vLLM return the raw logit instead of a
 sigmoid/softmax.
+
+The client may be given several replicas of the pooling server. Its calls then go through
+a :class:`~engine.replicas.ReplicaPool`, balanced, retried and health-checked exactly as
+the remote engine's: every call of one user request reaches one replica (round robin for
+calls outside a request), a call that fails on one replica is tried on another, and a
+replica that refuses connections leaves the rotation until its ``/health`` answers again.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ttalign.engine.replicas import ReplicaPool
 from ttalign.reward_clients.backend import (
     BackendReward,
     BackendSettings,
@@ -21,29 +28,53 @@ from ttalign.reward_clients.backend import (
     gather_or_cancel,
 )
 from ttalign.reward_clients.base import RewardClientError
-from ttalign.reward_clients.http import JsonHttp
+from ttalign.reward_clients.http import ReplicaJsonHttp
 from ttalign.reward_clients.rendering import render_batch, render_ids
+
+#: Seconds to wait for a connection to one replica before trying another (several URLs only).
+CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 class VllmPoolingReward(BackendReward):
-    """Scores with a sequence-classification reward model behind ``vllm serve --runner pooling``."""
+    """Scores with a sequence-classification reward model behind ``vllm serve --runner pooling``.
+
+    Give exactly one of ``url`` (one server, or a router in front of several) and ``urls``
+    (replicas this client balances over itself). ``replica_retries`` bounds how many other
+    replicas one call moves on to (never more than there are); the backend's own
+    ``max_retries`` then repeat the whole call. ``health_check_interval`` is the seconds
+    between checks of every replica's ``/health``. :attr:`pool` holds the replicas' state.
+    """
 
     def __init__(
         self,
         name: str,
         *,
-        url: str,
+        url: str | None = None,
+        urls: Sequence[str] | None = None,
         model: str | None = None,
         tokenizer: str | None = None,
         label_index: int = 0,
+        health_check_interval: float = 5.0,
+        replica_retries: int = 2,
         settings: BackendSettings | None = None,
         metrics: Any = None,
     ) -> None:
+        if (url is None) == (urls is None):
+            raise ValueError(f"{name}: give exactly one of url and urls")
+        replicas = [u.rstrip("/") for u in ([url] if url is not None else urls or [])]
         super().__init__(name, settings, metrics)
         self.model = model
         self.label_index = label_index
         self._tokenizer_path = tokenizer
-        self._http = JsonHttp(name, url)
+        self.pool = ReplicaPool(
+            f"reward:{name}",
+            replicas,
+            retries=min(replica_retries, len(replicas) - 1),
+            backoff_seconds=self.settings.backoff_seconds,
+            health_interval=health_check_interval,
+        )
+        connect_timeout = CONNECT_TIMEOUT_SECONDS if len(replicas) > 1 else None
+        self._http = ReplicaJsonHttp(name, self.pool, connect_timeout=connect_timeout)
 
     async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
         if self._tokenizer_path is None:
@@ -83,3 +114,4 @@ class VllmPoolingReward(BackendReward):
     async def close(self) -> None:
         await super().close()
         await self._http.close()
+        await self.pool.close()

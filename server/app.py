@@ -84,6 +84,10 @@ def create_app(
             cleanup.push_async_callback(engine.shutdown)
             rewards = reward_factory(settings, engine, metrics)
             cleanup.push_async_callback(rewards.close)
+            engine_pool = getattr(engine, "pool", None)  # remote mode: the fleet
+            metrics.watch_replicas(
+                lambda: [p for p in (engine_pool, *rewards.replica_pools()) if p is not None]
+            )
             if embedder is not None:
                 cleanup.push_async_callback(embedder.close)
             if settings.warmup:
