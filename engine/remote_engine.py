@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -143,6 +144,8 @@ class RemoteEngine(RendersLocally):
             eos_token_ids=eos_ids(text.tokenizer, config.get("eos_token_id")),
             read_timeout=read_timeout,
         )
+        # Now, not at the first call: replicas down at start must rejoin on an idle gateway.
+        pool.start_health_checks()
         logger.info(
             "remote engine: %s (context %d) on %d of %d replicas: %s",
             name, max_len, len(up), len(urls), ", ".join(r.url for r in up),
@@ -216,11 +219,16 @@ class RemoteEngine(RendersLocally):
                 replica.requests += 1
                 yielded = False
                 try:
+                    # aclosing: a caller closing this stream closes the upstream response
+                    # (and vLLM aborts the request) before aclose() returns, not at GC.
                     with upstream_call():
-                        async for delta in self._stream_once(replica, headers, body, ids, request):
-                            yielded = True
-                            for index in range(copies):
-                                yield _with_index(delta, index) if copies > 1 else delta
+                        async with aclosing(
+                            self._stream_once(replica, headers, body, ids, request)
+                        ) as deltas:
+                            async for delta in deltas:
+                                yielded = True
+                                for index in range(copies):
+                                    yield _with_index(delta, index) if copies > 1 else delta
                     return
                 except httpx.HTTPError as exc:
                     failure = transport_failure(replica.url, exc)
@@ -339,13 +347,18 @@ class RemoteEngine(RendersLocally):
                 data = line.removeprefix("data: ")
                 if data == "[DONE]":
                     return
-                chunk = json.loads(data)
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise ReplicaFailure(f"{replica.url}: sent a chunk that is not JSON") from None
                 if "error" in chunk:
                     raise ReplicaFailure(f"{replica.url}: {_error_message(chunk)}")
                 for choice in chunk.get("choices", ()):
                     delta = self._delta(choice, len(ids), sampling)
                     if delta is not None:
                         yield delta
+        # vLLM always ends with [DONE]: a body that stops short was cut somewhere between.
+        raise ReplicaFailure(f"{replica.url}: the stream ended without [DONE]")
 
     def _completion(self, choice: dict[str, Any], sampling: SamplingSettings) -> Completion:
         logprobs = self._logprobs(choice.get("logprobs"), sampling)
@@ -428,7 +441,7 @@ async def _wait_for_models(
                 errors[replica.url] = type(exc).__name__
         if len(served) == len(replicas) or time.monotonic() >= deadline:
             break
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     missing = {url: why for url, why in errors.items() if url not in served}
     if not served:
         detail = "; ".join(f"{url}: {why}" for url, why in missing.items())

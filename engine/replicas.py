@@ -90,6 +90,17 @@ def transport_failure(url: str, exc: httpx.HTTPError) -> ReplicaFailure:
     return ReplicaFailure(detail, down=down)
 
 
+def header_safe(key: str) -> str:
+    """``key`` as a header value: itself when it is printable ASCII, else a stable digest.
+
+    httpx sends header values as ASCII, but a client's session header (Latin-1 on the wire)
+    may hold any character; the digest keeps every call of the key on the same value.
+    """
+    if key.isascii() and key.isprintable():
+        return key
+    return hashlib.blake2b(key.encode(errors="surrogatepass"), digest_size=16).hexdigest()
+
+
 def rendezvous_rank(key: str, replicas: Sequence[Replica]) -> list[Replica]:
     """``replicas`` ordered by their rendezvous weight for ``key``, highest first."""
 
@@ -143,18 +154,19 @@ class ReplicaPool:
         Yields at most ``retries + 1`` times. Re-ranks between attempts, so a replica that
         failed (and left the rotation) is not tried again while others are healthy.
         """
-        self._ensure_health_loop()
+        self.start_health_checks()
         routing = current_routing()
         key = routing.key if routing is not None else None
-        headers = self._headers(key)
+        session = header_safe(key) if key is not None else uuid.uuid4().hex
         tried: set[str] = set()
         for _ in range(self.retries + 1):
             replica = self._choose(key, tried)
             tried.add(replica.url)
-            yield replica, headers
+            yield replica, self._headers(session)
 
-    def _headers(self, key: str | None) -> dict[str, str]:
-        session = key if key is not None else uuid.uuid4().hex
+    def _headers(self, session: str) -> dict[str, str]:
+        # A fresh request id per attempt: a retry may reach a replica that still holds
+        # the failed attempt.
         headers = {"X-Request-Id": f"{session}-{uuid.uuid4().hex[:8]}"}
         if self.session_header:
             headers[self.session_header] = session
@@ -263,7 +275,8 @@ class ReplicaPool:
             replica.last_error = detail
         replica.healthy = healthy
 
-    def _ensure_health_loop(self) -> None:
+    def start_health_checks(self) -> None:
+        """Start the health loop on the running event loop (no-op if running or no loop)."""
         if self._health_task is not None and not self._health_task.done():
             return
         try:
