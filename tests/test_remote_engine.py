@@ -723,6 +723,20 @@ def test_the_gateway_serves_the_openai_api_over_the_fleet(fleet) -> None:
         health = httpx.get(f"{running.base_url}/health").json()
         assert [r["url"] for r in health["engine"]["replicas"]] == fleet.urls[:2]
 
+        # The adaptive-temperature processor lives inside an in-process engine only.
+        for level in ("example", "token"):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(
+                    model=MODEL_NAME,
+                    messages=CHAT,
+                    max_tokens=4,
+                    extra_body={
+                        "strategy": "adaptive_temperature",
+                        "strategy_config": {"level": level, "mode": "entropy"},
+                    },
+                )
+            assert refused.value.response.json()["error"]["param"].startswith("strategy")
+
         # Every replica failing: a 503 in OpenAI's shape that names the engine.
         for fake in fleet.fakes[:2]:
             fake.fail(*[Failure("status", 503, "overloaded")] * 2)
