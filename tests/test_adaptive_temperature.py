@@ -10,6 +10,11 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+
+# The head is a torch module and the logits processor a vLLM class.
+pytest.importorskip("torch", reason="needs torch")
+pytest.importorskip("vllm", reason="needs vLLM")
+
 import torch
 from torch import nn
 from ttalign.benchmarks.temperature_lpo import (

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import aiohttp
 import httpx
 import openai
 import pytest
@@ -409,6 +408,8 @@ def test_official_client_parses_a_kept_alive_stream(real_server: RunningServer) 
 
 
 async def test_vllm_bench_client_accepts_a_kept_alive_stream(real_server: RunningServer) -> None:
+    # vLLM's benchmark client and the aiohttp it runs on come with vLLM.
+    import aiohttp
     from vllm.benchmarks.lib.endpoint_request_func import (
         RequestFuncInput,
         async_request_openai_chat_completions,

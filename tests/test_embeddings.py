@@ -39,6 +39,7 @@ DIM = 384
 
 @pytest.fixture(scope="module")
 def minilm() -> SentenceEmbedder:
+    pytest.importorskip("torch", reason="running the model needs torch")
     embedder = build_embedder("minilm")
     assert isinstance(embedder, SentenceEmbedder)
     return embedder
@@ -132,6 +133,7 @@ async def test_an_empty_batch_needs_no_model() -> None:
 async def test_concurrent_first_calls_load_the_model_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    pytest.importorskip("torch", reason="running the model needs torch")
     embedder = SentenceEmbedder(packaged_minilm_path())
     loads: list[object] = []
     load = embedder._load

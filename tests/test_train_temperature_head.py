@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+
+# The training script imports torch at the top.
+pytest.importorskip("torch", reason="needs torch")
+
 from ttalign.benchmarks.evaluate import DEFAULT_DATA_DIR
 from ttalign.benchmarks.train_temperature_head import (
     Reply,
