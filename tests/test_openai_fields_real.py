@@ -13,7 +13,7 @@ from ttalign.server.model_prep import prepare_embedded_model
 
 from tests.servers import RunningServer
 
-pytestmark = pytest.mark.real_engine
+pytestmark = [pytest.mark.real_engine, pytest.mark.fleet]
 
 MODEL = "smollm2"
 QUESTION = [{"role": "user", "content": "What color is the sky? Answer in JSON."}]

@@ -23,7 +23,7 @@ from ttalign.strategies.trajectory import Trajectory
 
 from tests.servers import RunningServer
 
-pytestmark = pytest.mark.real_engine
+pytestmark = [pytest.mark.real_engine, pytest.mark.fleet]
 
 T = TypeVar("T")
 
@@ -239,13 +239,20 @@ def test_min_tokens_holds_off_end_of_sequence(engine: Engine) -> None:
     assert not set(held.token_ids[:8]) & engine.engine.eos_token_ids
 
 
-def test_extra_args_are_accepted_and_change_nothing_by_themselves(engine: Engine) -> None:
+def test_extra_args_are_accepted_and_change_nothing_by_themselves(
+    engine: Engine, request: pytest.FixtureRequest
+) -> None:
     context = engine.context(COUNT)
     plain = engine.one(context, SamplingSettings(temperature=0.0, max_tokens=6))
+    nested = {"ttalign_probe": {"k": [1, 2]}}
+    if request.config.getoption("--fleet"):
+        # vLLM's server carries only strings, numbers and lists of them (vllm_xargs).
+        with pytest.raises(EngineRequestError, match="ttalign_probe"):
+            engine.one(context, SamplingSettings(temperature=0.0, max_tokens=6, extra_args=nested))
+        extra_args: dict[str, object] = {"ttalign_probe": [1, 2], "ttalign_label": "x"}
+    else:
+        extra_args = nested
     with_args = engine.one(
-        context,
-        SamplingSettings(
-            temperature=0.0, max_tokens=6, extra_args={"ttalign_probe": {"k": [1, 2]}}
-        ),
+        context, SamplingSettings(temperature=0.0, max_tokens=6, extra_args=extra_args)
     )
     assert with_args.token_ids == plain.token_ids
