@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -36,10 +35,10 @@ from ttalign.benchmarks.processes import (
     vllm_build,
     vllm_server_command,
 )
+from ttalign.benchmarks.smoke_option import add_smoke_and_out, apply_smoke_and_out, write_report
 from ttalign.benchmarks.strategy_cost import CONSTRAINTS
 from ttalign.engine.remote_engine import metric_sum
 
-RESULTS_DIR = Path(__file__).parent / "results"
 MODEL_NAME = "smollm2"
 #: The two gateways' routing, in the order of a round's first arm.
 ARMS = ("consistent_hash", "round_robin")
@@ -335,30 +334,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per TPO step")
     parser.add_argument("--seed", type=int, default=0, help="seed of request 0 (then +1 each)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help=f"tiny sizes to check the script runs ({SMOKE}); overrides the size flags, and "
-        "without --out writes to a fresh temporary folder",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"folder for gateway_affinity.json and .md (default: {RESULTS_DIR})",
-    )
+    add_smoke_and_out(parser, SMOKE, "gateway_affinity")
     args = parser.parse_args(argv)
-    if args.smoke:
-        vars(args).update(SMOKE)
     if not 1 <= args.prompts <= len(TOPICS):
         parser.error(f"--prompts must be between 1 and {len(TOPICS)}")
-    if args.out is None:
-        args.out = (
-            Path(tempfile.mkdtemp(prefix="ttalign-gateway-affinity-smoke-"))
-            if args.smoke
-            else RESULTS_DIR
-        )
-    return args
+    return apply_smoke_and_out(args, SMOKE, "gateway_affinity")
 
 
 def main() -> None:
@@ -417,12 +397,7 @@ def main() -> None:
         "rounds": rounds,
         "summary": summary(rounds),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "gateway_affinity"
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"Wrote {out}.json and {out}.md (server logs in {logs})")
+    write_report(args.out, "gateway_affinity", report, markdown(report), logs)
 
 
 if __name__ == "__main__":

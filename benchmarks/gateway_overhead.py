@@ -30,9 +30,9 @@ from ttalign.benchmarks.processes import (
     vllm_build,
     vllm_server_command,
 )
+from ttalign.benchmarks.smoke_option import add_smoke_and_out, apply_smoke_and_out, write_report
 from ttalign.engine.remote_engine import metric_sum
 
-RESULTS_DIR = Path(__file__).parent / "results"
 MODEL_NAME = "smollm2"
 #: Goals: the gateway keeps this share of direct output throughput ...
 THROUGHPUT_RATIO_GOAL = 0.95
@@ -189,28 +189,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help=f"tiny sizes to check the script runs ({SMOKE}); overrides the size flags, and "
-        "without --out writes to a fresh temporary folder",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"folder for gateway_overhead.json and .md (default: {RESULTS_DIR})",
-    )
+    add_smoke_and_out(parser, SMOKE, "gateway_overhead")
     args = parser.parse_args(argv)
-    if args.smoke:
-        vars(args).update(SMOKE)
-    if args.out is None:
-        args.out = (
-            Path(tempfile.mkdtemp(prefix="ttalign-gateway-overhead-smoke-"))
-            if args.smoke
-            else RESULTS_DIR
-        )
-    return args
+    return apply_smoke_and_out(args, SMOKE, "gateway_overhead")
 
 
 def main() -> None:
@@ -254,12 +235,7 @@ def main() -> None:
     settings["rounds"] = args.rounds
     command = "python -m ttalign.benchmarks.gateway_overhead " + " ".join(sys.argv[1:])
     report = report_of(rounds, settings, command.strip())
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "gateway_overhead"
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"Wrote {out}.json and {out}.md (server logs in {logs})")
+    write_report(args.out, "gateway_overhead", report, markdown(report), logs)
 
 
 if __name__ == "__main__":

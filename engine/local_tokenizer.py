@@ -36,6 +36,7 @@ class LocalTokenizer:
     def __init__(self, tokenizer: Any, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self._token_texts: dict[int, str] = {}
 
     @classmethod
     def load(cls, model_path: str, chat_template: str | None = None) -> LocalTokenizer:
@@ -75,8 +76,12 @@ class LocalTokenizer:
         )
 
     def token_text(self, token_id: int) -> str:
-        """One token's text (for log-probability alternatives)."""
-        return self.tokenizer.decode([token_id])
+        """One token's text (for log-probability alternatives, decoded on the event loop:
+        each distinct id is decoded once, since a stream repeats them many times over)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _render_chat(
         self, messages: Sequence[dict[str, str]], continue_final_message: bool

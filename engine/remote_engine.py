@@ -49,10 +49,10 @@ from ttalign.engine.replicas import (
     ReplicaPool,
     ReplicasExhausted,
     Routing,
+    StreamInterrupted,
     is_retryable_status,
     transport_failure,
 )
-from ttalign.engine.routing import upstream_call
 from ttalign.engine.sampling_rules import SEED_RANGE, greedy_copies
 from ttalign.engine.vllm_errors import api_parameter
 
@@ -210,40 +210,22 @@ class RemoteEngine(RendersLocally):
         copies, request = greedy_copies(sampling)
         ids = await self._prompt_ids(prompt)
         body = self._body(ids, request, stream=True)
-        last: ReplicaFailure | None = None
         self._running += 1
         try:
-            for number, (replica, headers) in enumerate(self.pool.attempts()):
-                if number:
-                    await asyncio.sleep(self.pool.backoff(number))
-                replica.requests += 1
-                yielded = False
-                try:
-                    # aclosing: a caller closing this stream closes the upstream response
-                    # (and vLLM aborts the request) before aclose() returns, not at GC.
-                    with upstream_call():
-                        async with aclosing(
-                            self._stream_once(replica, headers, body, ids, request)
-                        ) as deltas:
-                            async for delta in deltas:
-                                yielded = True
-                                for index in range(copies):
-                                    yield _with_index(delta, index) if copies > 1 else delta
-                    return
-                except httpx.HTTPError as exc:
-                    failure = transport_failure(replica.url, exc)
-                except ReplicaFailure as exc:
-                    failure = exc
-                retry = not yielded and number < self.pool.retries
-                self.pool.failed(replica, failure, will_retry=retry)
-                if yielded:
-                    # Output already went to the caller: another replica would not repeat it.
-                    raise EngineUnavailableError(
-                        f"The remote engine serving {self._model_name!r} failed mid-stream "
-                        f"({failure}); the output so far could not be continued elsewhere."
-                    )
-                last = failure
-            raise self._unavailable(self.pool.exhausted(last))
+            stream = self.pool.stream(
+                lambda replica, headers: self._stream_once(replica, headers, body, ids, request)
+            )
+            async with aclosing(stream) as deltas:
+                async for delta in deltas:
+                    for index in range(copies):
+                        yield _with_index(delta, index) if copies > 1 else delta
+        except StreamInterrupted as exc:
+            raise EngineUnavailableError(
+                f"The remote engine serving {self._model_name!r} failed mid-stream ({exc}); "
+                "the output so far could not be continued elsewhere."
+            ) from None
+        except ReplicasExhausted as exc:
+            raise self._unavailable(exc) from None
         finally:
             self._running -= 1
 
@@ -337,26 +319,23 @@ class RemoteEngine(RendersLocally):
         sampling: SamplingSettings,
     ) -> AsyncIterator[CompletionDelta]:
         url = f"{replica.url}/v1/completions"
-        async with self._http.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                _raise_for_status(response.status_code, text, replica, sampling)
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line.removeprefix("data: ")
-                if data == "[DONE]":
-                    return
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    raise ReplicaFailure(f"{replica.url}: sent a chunk that is not JSON") from None
-                if "error" in chunk:
-                    raise ReplicaFailure(f"{replica.url}: {_error_message(chunk)}")
-                for choice in chunk.get("choices", ()):
-                    delta = self._delta(choice, len(ids), sampling)
-                    if delta is not None:
-                        yield delta
+        try:
+            async with self._http.stream("POST", url, json=body, headers=headers) as response:
+                if response.status_code != 200:
+                    text = (await response.aread()).decode(errors="replace")
+                    _raise_for_status(response.status_code, text, replica, sampling)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line.removeprefix("data: ")
+                    if data == "[DONE]":
+                        return
+                    for choice in _chunk_choices(replica, data):
+                        delta = self._delta(choice, len(ids), sampling)
+                        if delta is not None:
+                            yield delta
+        except httpx.HTTPError as exc:
+            raise transport_failure(replica.url, exc) from exc
         # vLLM always ends with [DONE]: a body that stops short was cut somewhere between.
         raise ReplicaFailure(f"{replica.url}: the stream ended without [DONE]")
 
@@ -523,6 +502,17 @@ def _raise_for_status(status: int, text: str, replica: Replica, sampling: Sampli
     message = message or text[:ERROR_BODY_CHARS] or f"status {status}"
     named = error.get("param") if isinstance(error, dict) else None
     raise EngineRequestError(message, param=api_parameter(named, message, sampling))
+
+
+def _chunk_choices(replica: Replica, data: str) -> list[dict[str, Any]]:
+    """The choices of one SSE chunk; a chunk that is not JSON, or an error, fails the replica."""
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise ReplicaFailure(f"{replica.url}: sent a chunk that is not JSON") from None
+    if "error" in chunk:
+        raise ReplicaFailure(f"{replica.url}: {_error_message(chunk)}")
+    return list(chunk.get("choices", ()))
 
 
 def _error_message(chunk: dict[str, Any]) -> str:

@@ -28,12 +28,13 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import httpx
-from ttalign.engine.routing import current_routing, upstream_call
+from ttalign.engine.routing import RequestRouting, current_routing, upstream_call
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,10 @@ class ReplicaFailure(Exception):
 
 class ReplicasExhausted(Exception):
     """Every attempt failed; the message names the pool and the last failure."""
+
+
+class StreamInterrupted(Exception):
+    """A replica failed after part of a stream had been passed on; the message says how."""
 
 
 def is_retryable_status(status: int) -> bool:
@@ -194,17 +199,17 @@ class ReplicaPool:
         bound = math.ceil(self.balance_factor * (load + 1) / len(candidates))
         return next((r for r in ranked if r.active < bound), ranked[0])
 
-    def _pin(self, routing: object, replica: Replica) -> None:
-        previous = routing.pins.get(self.name)  # type: ignore[attr-defined]
+    def _pin(self, routing: RequestRouting, replica: Replica) -> None:
+        previous = routing.pins.get(self.name)
         if previous is not None:
             previous.active -= 1
         else:
-            routing.on_exit(lambda: self._unpin(routing))  # type: ignore[attr-defined]
-        routing.pins[self.name] = replica  # type: ignore[attr-defined]
+            routing.on_exit(lambda: self._unpin(routing))
+        routing.pins[self.name] = replica
         replica.active += 1
 
-    def _unpin(self, routing: object) -> None:
-        replica = routing.pins.pop(self.name, None)  # type: ignore[attr-defined]
+    def _unpin(self, routing: RequestRouting) -> None:
+        replica = routing.pins.pop(self.name, None)
         if replica is not None:
             replica.active -= 1
 
@@ -218,9 +223,7 @@ class ReplicaPool:
         """
         last: ReplicaFailure | None = None
         for number, (replica, headers) in enumerate(self.attempts()):
-            if last is not None:
-                await asyncio.sleep(self.backoff(number))
-            replica.requests += 1
+            await self._before_attempt(number, replica)
             try:
                 with upstream_call():
                     return await attempt(replica, headers)
@@ -228,6 +231,39 @@ class ReplicaPool:
                 self.failed(replica, failure, will_retry=number < self.retries)
                 last = failure
         raise self.exhausted(last)
+
+    async def stream(
+        self, attempt: Callable[[Replica, dict[str, str]], AsyncIterator[T]]
+    ) -> AsyncIterator[T]:
+        """The items of ``attempt`` from the first replica that serves it.
+
+        A :class:`ReplicaFailure` before the first item moves on to another replica, as in
+        :meth:`call`; one after it is raised as :class:`StreamInterrupted`, since another
+        replica would not continue what was already passed on. Closing this stream closes
+        the attempt's at once (so the upstream request ends then, not at garbage collection).
+        """
+        last: ReplicaFailure | None = None
+        for number, (replica, headers) in enumerate(self.attempts()):
+            await self._before_attempt(number, replica)
+            started = False
+            try:
+                with upstream_call():
+                    async with aclosing(attempt(replica, headers)) as items:
+                        async for item in items:
+                            started = True
+                            yield item
+                return
+            except ReplicaFailure as failure:
+                self.failed(replica, failure, will_retry=not started and number < self.retries)
+                if started:
+                    raise StreamInterrupted(str(failure)) from failure
+                last = failure
+        raise self.exhausted(last)
+
+    async def _before_attempt(self, number: int, replica: Replica) -> None:
+        if number:
+            await asyncio.sleep(self.backoff(number))
+        replica.requests += 1
 
     def backoff(self, attempt_number: int) -> float:
         """Seconds to wait before attempt ``attempt_number`` (1 = the first retry)."""

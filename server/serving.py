@@ -22,7 +22,6 @@ from ttalign.engine.base import (
     StructuredOutput,
 )
 from ttalign.engine.metering import MeteredEngine
-from ttalign.engine.remote_engine import RemoteEngine
 from ttalign.engine.routing import RequestRouting, request_routing
 from ttalign.engine.timeline import CallTimeline
 from ttalign.reward_clients.registry import RewardRegistry, UnknownRewardError
@@ -175,7 +174,7 @@ class ChatCompletionService:
         self.embedder = embedder
         self.prompt_overrides = load_prompt_overrides(settings.prompt_overrides)
         #: Whether the engine is a fleet behind this server (then its overhead is measured).
-        self.gateway = isinstance(engine, RemoteEngine)
+        self.gateway = settings.engine == "remote"
 
     # --- validation -------------------------------------------------------------------------
 
@@ -358,56 +357,58 @@ class ChatCompletionService:
         usage_field = {"usage": None} if include_usage else {}
         started_choices: set[int] = set()
         status = 200
-        routing = request_routing(prepared.affinity_key)
-        scope = routing.__enter__()
-        try:
-            async for event in prepared.strategy.stream(prepared.context, prepared.config):
-                if isinstance(event, ProgressEvent):
-                    yield sse(header.chunk([], alignment_progress=event.data, **usage_field))
-                elif isinstance(event, DeltaEvent):
-                    delta = event.delta
-                    if delta.index not in started_choices:
-                        started_choices.add(delta.index)
+        with request_routing(prepared.affinity_key) as scope:
+            try:
+                async for event in prepared.strategy.stream(prepared.context, prepared.config):
+                    if isinstance(event, ProgressEvent):
+                        yield sse(header.chunk([], alignment_progress=event.data, **usage_field))
+                    elif isinstance(event, DeltaEvent):
+                        delta = event.delta
+                        if delta.index not in started_choices:
+                            started_choices.add(delta.index)
+                            yield sse(
+                                header.chunk(
+                                    [
+                                        delta_choice(
+                                            delta.index, {"role": "assistant", "content": ""}
+                                        )
+                                    ],
+                                    **usage_field,
+                                )
+                            )
+                        finish = delta.finish_reason
                         yield sse(
                             header.chunk(
-                                [delta_choice(delta.index, {"role": "assistant", "content": ""})],
+                                [
+                                    delta_choice(
+                                        delta.index,
+                                        {"content": delta.text} if delta.text else {},
+                                        None if finish == "abort" else finish,
+                                        delta.logprobs if request.logprobs else None,
+                                    )
+                                ],
                                 **usage_field,
                             )
                         )
-                    finish = delta.finish_reason
-                    yield sse(
-                        header.chunk(
-                            [
-                                delta_choice(
-                                    delta.index,
-                                    {"content": delta.text} if delta.text else {},
-                                    None if finish == "abort" else finish,
-                                    delta.logprobs if request.logprobs else None,
-                                )
-                            ],
-                            **usage_field,
-                        )
-                    )
-                else:
-                    result = event.result
-                    if not event.streamed:
-                        for frame in self._final_answer_frames(prepared, result, usage_field):
-                            yield frame
-                    tail: dict[str, Any] = {"alignment": self._alignment(prepared, result)}
-                    if include_usage:
-                        tail["usage"] = await self._usage(prepared, result)
-                    self._record_overhead(prepared, scope)
-                    yield sse(header.chunk([], **tail))
-        except Exception as exc:
-            error = _client_error(exc)
-            status = error.status_code
-            yield sse(error.body())
-        except BaseException:
-            status = CLIENT_CLOSED_REQUEST  # nobody is left to read an error frame
-            raise
-        finally:
-            routing.__exit__(None, None, None)
-            self._record(prepared, status)
+                    else:
+                        result = event.result
+                        if not event.streamed:
+                            for frame in self._final_answer_frames(prepared, result, usage_field):
+                                yield frame
+                        tail: dict[str, Any] = {"alignment": self._alignment(prepared, result)}
+                        if include_usage:
+                            tail["usage"] = await self._usage(prepared, result)
+                        self._record_overhead(prepared, scope)
+                        yield sse(header.chunk([], **tail))
+            except Exception as exc:
+                error = _client_error(exc)
+                status = error.status_code
+                yield sse(error.body())
+            except BaseException:
+                status = CLIENT_CLOSED_REQUEST  # nobody is left to read an error frame
+                raise
+            finally:
+                self._record(prepared, status)
         yield DONE_FRAME
 
     def _final_answer_frames(

@@ -47,7 +47,9 @@ class ServerSettings(BaseSettings):
         "SmolLM2-135M-Instruct, prepared once into the cache folder.",
     )
     served_model_name: str | None = Field(
-        None, description="Model name clients send and /v1/models lists (default: folder name)."
+        None,
+        description="Model name clients send and /v1/models lists (default: the model "
+        "folder's name; in remote mode, the one model the replicas serve).",
     )
     cache_dir: Path = Field(
         DEFAULT_CACHE_DIR, description="Where the embedded model is converted and cached."
@@ -57,7 +59,9 @@ class ServerSettings(BaseSettings):
         description="Weight dtype passed to vLLM (auto, bfloat16, float32, ...). auto is the "
         "model's own, except float32 on CPUs without native bfloat16 (much faster there).",
     )
-    max_model_len: int = Field(2048, gt=0, description="Context window in tokens.")
+    max_model_len: int = Field(
+        2048, gt=0, description="Context window in tokens (remote mode: the replicas' own applies)."
+    )
     kv_cache_memory: ByteSize | None = Field(
         None,
         description="KV cache size in bytes (e.g. 1GiB, 512MiB). Unset: 1GiB on the CPU "

@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from ttalign.benchmarks import gateway_affinity as affinity
 from ttalign.benchmarks import gateway_overhead as overhead
+from ttalign.benchmarks import smoke_option
 from ttalign.benchmarks.processes import gateway_server_command
 from ttalign.engine.replicas import ReplicaPool
 from ttalign.server.cli import build_parser, settings_from_args
@@ -119,9 +120,9 @@ def test_overhead_smoke_shrinks_the_run_and_keeps_results_out_of_the_repo() -> N
     args = overhead.parse_args(["--smoke", "--rounds", "5"])
     assert args.rounds == overhead.SMOKE["rounds"]
     assert args.num_prompts == overhead.SMOKE["num_prompts"]
-    assert args.out != overhead.RESULTS_DIR and args.out.is_dir()
+    assert args.out != smoke_option.RESULTS_DIR and args.out.is_dir()
     args.out.rmdir()
-    assert overhead.parse_args([]).out == overhead.RESULTS_DIR
+    assert overhead.parse_args([]).out == smoke_option.RESULTS_DIR
     assert overhead.parse_args(["--smoke", "--out", "x"]).out == Path("x")
 
 
@@ -253,6 +254,6 @@ def test_affinity_arguments_bound_the_prompts_and_smoke_stays_out_of_the_repo() 
         affinity.parse_args(["--prompts", str(len(affinity.TOPICS) + 1)])
     args = affinity.parse_args(["--smoke"])
     assert (args.prompts, args.depth) == (affinity.SMOKE["prompts"], affinity.SMOKE["depth"])
-    assert args.out != affinity.RESULTS_DIR and args.out.is_dir()
+    assert args.out != smoke_option.RESULTS_DIR and args.out.is_dir()
     args.out.rmdir()
-    assert affinity.parse_args([]).out == affinity.RESULTS_DIR
+    assert affinity.parse_args([]).out == smoke_option.RESULTS_DIR
