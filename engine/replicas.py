@@ -17,7 +17,10 @@ compares against).
 **Failures.** A call that cannot connect, times out, or gets a 5xx is retried on the next
 replica in the ranking, at most ``retries`` times, with exponential backoff. A replica that
 refuses connections or drops one mid-call leaves the rotation at once; the health loop
-polls every replica's health route and brings it back when it answers 200 again.
+polls every replica's health route and brings it back when it answers 200 again. A health
+check that is refused or answered with an error status evicts at once, but one that only
+times out counts as a miss: a replica busy enough to answer its health route late is still
+serving, so it leaves after ``HEALTH_MISSES_TO_EVICT`` misses in a row.
 """
 
 from __future__ import annotations
@@ -41,8 +44,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Routing = Literal["consistent_hash", "round_robin"]
 
-#: Seconds to wait for a health route's answer (never longer than the check interval).
+#: Seconds to wait for a health route's answer. Not tied to the check interval: a loaded
+#: vLLM server on few cores can take seconds to answer while it serves normally.
 HEALTH_TIMEOUT_SECONDS = 5.0
+#: Timed-out health checks in a row that take a replica out of the rotation.
+HEALTH_MISSES_TO_EVICT = 3
 
 
 @dataclass
@@ -60,6 +66,8 @@ class Replica:
     #: User requests pinned to it right now (the load bounded hashing balances).
     active: int = 0
     last_error: str = ""
+    #: Health checks that timed out since the last answer.
+    health_misses: int = 0
 
 
 class ReplicaFailure(Exception):
@@ -298,12 +306,19 @@ class ReplicaPool:
         await asyncio.gather(*(self._check(http, r) for r in self.replicas))
 
     async def _check(self, http: httpx.AsyncClient, replica: Replica) -> None:
-        timeout = min(HEALTH_TIMEOUT_SECONDS, max(self.health_interval, 0.5))
         try:
-            response = await http.get(f"{replica.url}{self.health_path}", timeout=timeout)
-            healthy, detail = response.status_code == 200, f"health {response.status_code}"
+            response = await http.get(
+                f"{replica.url}{self.health_path}", timeout=HEALTH_TIMEOUT_SECONDS
+            )
+        except httpx.TimeoutException as exc:
+            replica.health_misses += 1
+            healthy = replica.health_misses < HEALTH_MISSES_TO_EVICT and replica.healthy
+            detail = f"health check: {type(exc).__name__} {replica.health_misses} times in a row"
         except httpx.HTTPError as exc:
             healthy, detail = False, f"health check: {type(exc).__name__}"
+        else:
+            replica.health_misses = 0
+            healthy, detail = response.status_code == 200, f"health {response.status_code}"
         if healthy and not replica.healthy:
             logger.info("%s: replica %s rejoined the rotation", self.name, replica.url)
         elif not healthy and replica.healthy:

@@ -53,10 +53,11 @@ def replica_health(server: RunningServer) -> list[bool]:
     return [r["healthy"] for r in body["engine"]["replicas"]]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, state=lambda: "") -> None:
+    """Poll ``predicate`` until it holds; on timeout, fail with ``what`` and ``state()``."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not reached in {timeout} s"
+        assert time.monotonic() < deadline, f"{what}: not reached in {timeout} s {state()}"
         time.sleep(0.2)
 
 
@@ -109,7 +110,7 @@ def test_killed_replica_fails_over_and_rejoins_after_restart(
     with serve_on_real_engine(max_concurrent_requests=64) as server:
         client = client_for(server, timeout=300)
 
-        def ask(i: int, max_tokens: int = 160) -> int:
+        def ask(i: int, max_tokens: int = 320) -> int:
             answer = client.chat.completions.with_raw_response.create(
                 model=MODEL,
                 messages=[{"role": "user", "content": f"Tell story number {i}."}],
@@ -119,21 +120,39 @@ def test_killed_replica_fails_over_and_rejoins_after_restart(
             answer.parse()
             return answer.status_code
 
+        def gateway_view(field: str) -> list[int]:
+            body = httpx.get(f"{server.base_url}/health", timeout=10).json()
+            return [r[field] for r in body["engine"]["replicas"]]
+
+        def gateway_load() -> list[int]:
+            return gateway_view("active_requests")
+
+        retried_before = gateway_view("retries")[0]
+        survivor_before = survivor.finished_requests()
+
         with ThreadPoolExecutor(16) as pool:
-            # Non-streamed requests stream nothing to the client until they finish.
+            # Non-streamed requests stream nothing to the client until they finish. They
+            # are long (320 tokens) because a loaded replica's /metrics can take seconds to
+            # answer: requests shorter than that could finish between two polls.
             running = [pool.submit(ask, i) for i in range(8)]
             wait_for(
-                lambda: (
-                    victim.metric("vllm:num_requests_running") > 0
-                    and survivor.metric("vllm:num_requests_running") > 0
-                ),
+                lambda: min(gateway_load()) > 0 and victim.metric("vllm:num_requests_running") > 0,
                 60,
-                "requests running on both replicas",
+                "requests in flight on both replicas and running on the victim",
+                lambda: (
+                    f"gateway load {gateway_load()}, victim running"
+                    f" {victim.metric('vllm:num_requests_running')}, done"
+                    f" {[f.done() for f in running]}"
+                ),
             )
             victim.kill()
             after = [pool.submit(ask, 100 + i, 8) for i in range(8)]
             assert [f.result() for f in running] == [200] * 8
             assert [f.result() for f in after] == [200] * 8
+        # Calls that failed on the victim (cut, or refused before the gateway evicted it)
+        # were retried; the survivor finished at least every request sent after the kill.
+        assert gateway_view("retries")[0] > retried_before
+        assert survivor.finished_requests() - survivor_before >= 8
 
         wait_for(lambda: replica_health(real_server) == [False, True], 10, "victim evicted")
         victim.launch()

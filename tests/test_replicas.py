@@ -474,16 +474,26 @@ async def test_upstream_time_counts_overlapping_calls_once(make_pool) -> None:
 
 @pytest.fixture(scope="module")
 def health_server() -> Iterator[tuple[str, dict[str, int]]]:
-    """A server whose ``/<name>/health`` answers the status set for ``name`` (200 unset)."""
+    """A server whose ``/<name>/health`` answers the status set for ``name`` (200 unset).
+
+    A name listed under :data:`SLOW_REPLICA` answers after a second instead.
+    """
     statuses: dict[str, int] = {}
     app = FastAPI()
 
     @app.get("/{name}/health")
     async def health(name: str) -> Response:
+        if statuses.get(name) == SLOW_REPLICA:
+            await asyncio.sleep(1.0)
+            return Response(status_code=200)
         return Response(status_code=statuses.get(name, 200))
 
     with serve_in_thread(app, startup_timeout=30) as running:
         yield running.base_url, statuses
+
+
+#: A ``health_server`` status meaning "answer 200, but only after a second".
+SLOW_REPLICA = -1
 
 
 async def test_the_health_loop_brings_a_down_replica_back(make_pool, health_server) -> None:
@@ -529,6 +539,35 @@ async def test_the_health_loop_evicts_failing_and_unreachable_replicas(
     assert pool.replicas[2].last_error == "health check: ConnectError"
     await pool.close()
     assert pool._health_task is not None and pool._health_task.done()
+
+
+async def test_a_replica_whose_health_check_times_out_leaves_only_after_three_misses(
+    make_pool, health_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A loaded replica answers its health route late but still serves; one late answer
+    # must not take it out of the rotation (and move every request pinned to it).
+    monkeypatch.setattr(replicas, "HEALTH_TIMEOUT_SECONDS", 0.1)
+    base, statuses = health_server
+    statuses.clear()
+    pool = make_pool([f"{base}/r0", f"{base}/r1"])
+    slow, steady = pool.replicas
+    statuses["r0"] = SLOW_REPLICA
+    await pool.check_health()
+    statuses.pop("r0")
+    await pool.check_health()  # an answer in time clears the misses
+    assert slow.healthy and slow.health_misses == 0
+    statuses["r0"] = SLOW_REPLICA
+    for misses in (1, 2):
+        await pool.check_health()
+        assert slow.healthy and slow.health_misses == misses
+    await pool.check_health()
+    assert not slow.healthy and steady.healthy
+    assert slow.last_error == "health check: ReadTimeout 3 times in a row"
+    await pool.check_health()  # still late: stays out
+    assert not slow.healthy
+    statuses.pop("r0")
+    await pool.check_health()
+    assert slow.healthy and slow.health_misses == 0
 
 
 async def test_health_checks_can_start_before_any_call(make_pool, health_server) -> None:
