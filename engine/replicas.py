@@ -20,7 +20,10 @@ refuses connections or drops one mid-call leaves the rotation at once; the healt
 polls every replica's health route and brings it back when it answers 200 again. A health
 check that is refused or answered with an error status evicts at once, but one that only
 times out counts as a miss: a replica busy enough to answer its health route late is still
-serving, so it leaves after ``HEALTH_MISSES_TO_EVICT`` misses in a row.
+serving, so it leaves after ``HEALTH_MISSES_TO_EVICT`` misses in a row. A call still waiting
+on a replica when it leaves the rotation (before any of its output was passed on) is
+cancelled and moves to the next replica, so a hung replica costs its callers a few health
+rounds, not a read timeout sized for long generations.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import httpx
@@ -51,23 +53,48 @@ HEALTH_TIMEOUT_SECONDS = 5.0
 HEALTH_MISSES_TO_EVICT = 3
 
 
-@dataclass
 class Replica:
-    """One upstream server and what the pool has seen of it."""
+    """One upstream server and what the pool has seen of it.
 
-    url: str
-    healthy: bool = True
-    #: Calls sent to it.
-    requests: int = 0
-    #: Calls that failed for the replica's reasons (connection, timeout, 5xx).
-    errors: int = 0
-    #: Failed calls that were then retried on another replica.
-    retries: int = 0
-    #: User requests pinned to it right now (the load bounded hashing balances).
-    active: int = 0
-    last_error: str = ""
-    #: Health checks that timed out since the last answer.
-    health_misses: int = 0
+    Setting ``healthy`` to false takes it out of the rotation and wakes
+    :meth:`departure`'s waiters, so calls still waiting on it can move elsewhere.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        #: Calls sent to it.
+        self.requests = 0
+        #: Calls that failed for the replica's reasons (connection, timeout, 5xx).
+        self.errors = 0
+        #: Failed calls that were then retried on another replica.
+        self.retries = 0
+        #: User requests pinned to it right now (the load bounded hashing balances).
+        self.active = 0
+        self.last_error = ""
+        #: Health checks that timed out since the last answer.
+        self.health_misses = 0
+        self._healthy = True
+        self._departed = asyncio.Event()
+
+    @property
+    def healthy(self) -> bool:
+        """Whether it is in the rotation."""
+        return self._healthy
+
+    @healthy.setter
+    def healthy(self, healthy: bool) -> None:
+        if self._healthy and not healthy:
+            self._departed.set()
+        elif healthy and not self._healthy:
+            self._departed = asyncio.Event()  # a new stint; old waiters stay woken
+        self._healthy = healthy
+
+    def departure(self) -> asyncio.Event:
+        """Set when the replica leaves the rotation it is in now."""
+        return self._departed
+
+    def __repr__(self) -> str:
+        return f"Replica({self.url!r}, healthy={self._healthy}, active={self.active})"
 
 
 class ReplicaFailure(Exception):
@@ -234,7 +261,7 @@ class ReplicaPool:
             await self._before_attempt(number, replica)
             try:
                 with upstream_call():
-                    return await attempt(replica, headers)
+                    return await self._while_in_rotation(replica, attempt(replica, headers))
             except ReplicaFailure as failure:
                 self.failed(replica, failure, will_retry=number < self.retries)
                 last = failure
@@ -257,8 +284,15 @@ class ReplicaPool:
             try:
                 with upstream_call():
                     async with aclosing(attempt(replica, headers)) as items:
+                        # Until the first item a retry is still possible, so a replica
+                        # that leaves the rotation meanwhile is given up on.
+                        try:
+                            first = await self._while_in_rotation(replica, anext(items))
+                        except StopAsyncIteration:
+                            return
+                        started = True
+                        yield first
                         async for item in items:
-                            started = True
                             yield item
                 return
             except ReplicaFailure as failure:
@@ -267,6 +301,33 @@ class ReplicaPool:
                     raise StreamInterrupted(str(failure)) from failure
                 last = failure
         raise self.exhausted(last)
+
+    async def _while_in_rotation(self, replica: Replica, work: Awaitable[T]) -> T:
+        """``work``'s result, unless ``replica`` leaves the rotation first.
+
+        Then ``work`` is cancelled, which closes its connection (so the replica drops the
+        request, if it still can), and a :class:`ReplicaFailure` lets the call move on. A
+        replica that hangs is caught by its health checks long before a read timeout that
+        has to allow for long generations. A call sent to a replica already out of the
+        rotation (every one was) is not watched.
+        """
+        if not replica.healthy:
+            return await work
+        task = asyncio.ensure_future(work)
+        departed = asyncio.ensure_future(replica.departure().wait())
+        try:
+            done, _ = await asyncio.wait({task, departed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            departed.cancel()
+            if not task.done():  # the replica left, or this call itself was cancelled
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task in done:
+            return task.result()
+        raise ReplicaFailure(
+            f"{replica.url}: left the rotation while the call waited ({replica.last_error})",
+            down=True,
+        )
 
     async def _before_attempt(self, number: int, replica: Replica) -> None:
         if number:

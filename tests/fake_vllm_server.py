@@ -109,6 +109,8 @@ class FakeVllm:
     tokenize_tokens: list[int] | None = None
     tokenize_status: int = 200
     health_status: int = 200
+    #: Seconds ``/health`` takes to answer (a hung server never answers in time).
+    health_delay: float = 0.0
     #: The ``vllm:num_requests_running`` and ``vllm:num_requests_waiting`` gauges.
     running: float = 0.0
     waiting: float = 0.0
@@ -139,6 +141,7 @@ class FakeVllm:
         self.tokenize_tokens = None
         self.tokenize_status = 200
         self.health_status = 200
+        self.health_delay = 0.0
         self.running = self.waiting = 0.0
         self.chunk_delay = 0.0
         self.failures.clear()
@@ -204,6 +207,7 @@ class FakeVllm:
 
     async def _health(self, request: Request) -> Response:
         await self._record(request)
+        await asyncio.sleep(self.health_delay)
         return Response(status_code=self.health_status)
 
     async def _metrics(self, request: Request) -> Response:

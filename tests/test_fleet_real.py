@@ -7,7 +7,7 @@ replicas' own ``/metrics`` counters are the evidence, not the gateway's bookkeep
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -103,55 +103,66 @@ def test_forty_requests_spread_over_both_replicas(
     assert all(14 <= count <= 26 for count in served), f"40 requests split {served}"
 
 
+def ask(client: openai.OpenAI, i: int, max_tokens: int = 320) -> int:
+    """One non-streamed chat request's status (nothing reaches the client until the end).
+
+    The default is long (320 tokens) because a loaded replica's ``/metrics`` can take
+    seconds to answer: shorter requests could finish between two polls of it.
+    """
+    answer = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": f"Tell story number {i}."}],
+        max_tokens=max_tokens,
+        extra_body={"ignore_eos": True},
+    )
+    answer.parse()
+    return answer.status_code
+
+
+def gateway_view(server: RunningServer, field: str) -> list[Any]:
+    """``field`` of each engine replica, as the gateway's ``/health`` reports it."""
+    body = httpx.get(f"{server.base_url}/health", timeout=10).json()
+    return [r[field] for r in body["engine"]["replicas"]]
+
+
+def wait_until_running_on_both(
+    server: RunningServer, watched: VllmReplica, running: list[Future]
+) -> None:
+    """Wait until the gateway has requests in flight on both replicas, and ``watched``
+    (by its own gauge) is generating."""
+    wait_for(
+        lambda: (
+            min(gateway_view(server, "active_requests")) > 0
+            and watched.metric("vllm:num_requests_running") > 0
+        ),
+        60,
+        "requests in flight on both replicas and running on the watched one",
+        lambda: (
+            f"gateway load {gateway_view(server, 'active_requests')}, running"
+            f" {watched.metric('vllm:num_requests_running')}, done"
+            f" {[f.done() for f in running]}"
+        ),
+    )
+
+
 def test_killed_replica_fails_over_and_rejoins_after_restart(
     real_server: RunningServer, serve_on_real_engine, policy_replicas: list[VllmReplica]
 ) -> None:
     victim, survivor = policy_replicas
     with serve_on_real_engine(max_concurrent_requests=64) as server:
         client = client_for(server, timeout=300)
-
-        def ask(i: int, max_tokens: int = 320) -> int:
-            answer = client.chat.completions.with_raw_response.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": f"Tell story number {i}."}],
-                max_tokens=max_tokens,
-                extra_body={"ignore_eos": True},
-            )
-            answer.parse()
-            return answer.status_code
-
-        def gateway_view(field: str) -> list[int]:
-            body = httpx.get(f"{server.base_url}/health", timeout=10).json()
-            return [r[field] for r in body["engine"]["replicas"]]
-
-        def gateway_load() -> list[int]:
-            return gateway_view("active_requests")
-
-        retried_before = gateway_view("retries")[0]
+        retried_before = gateway_view(server, "retries")[0]
         survivor_before = survivor.finished_requests()
-
         with ThreadPoolExecutor(16) as pool:
-            # Non-streamed requests stream nothing to the client until they finish. They
-            # are long (320 tokens) because a loaded replica's /metrics can take seconds to
-            # answer: requests shorter than that could finish between two polls.
-            running = [pool.submit(ask, i) for i in range(8)]
-            wait_for(
-                lambda: min(gateway_load()) > 0 and victim.metric("vllm:num_requests_running") > 0,
-                60,
-                "requests in flight on both replicas and running on the victim",
-                lambda: (
-                    f"gateway load {gateway_load()}, victim running"
-                    f" {victim.metric('vllm:num_requests_running')}, done"
-                    f" {[f.done() for f in running]}"
-                ),
-            )
+            running = [pool.submit(ask, client, i) for i in range(8)]
+            wait_until_running_on_both(server, victim, running)
             victim.kill()
-            after = [pool.submit(ask, 100 + i, 8) for i in range(8)]
+            after = [pool.submit(ask, client, 100 + i, 8) for i in range(8)]
             assert [f.result() for f in running] == [200] * 8
             assert [f.result() for f in after] == [200] * 8
         # Calls that failed on the victim (cut, or refused before the gateway evicted it)
         # were retried; the survivor finished at least every request sent after the kill.
-        assert gateway_view("retries")[0] > retried_before
+        assert gateway_view(server, "retries")[0] > retried_before
         assert survivor.finished_requests() - survivor_before >= 8
 
         wait_for(lambda: replica_health(real_server) == [False, True], 10, "victim evicted")
@@ -160,7 +171,7 @@ def test_killed_replica_fails_over_and_rejoins_after_restart(
         wait_for(lambda: replica_health(real_server) == [True, True], 30, "victim rejoined")
         rejoined_before = victim.finished_requests()
         with ThreadPoolExecutor(10) as pool:
-            statuses = list(pool.map(lambda i: ask(200 + i, 8), range(10)))
+            statuses = list(pool.map(lambda i: ask(client, 200 + i, 8), range(10)))
         assert statuses == [200] * 10
         assert victim.finished_requests() > rejoined_before, (
             "no request reached the rejoined replica"

@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 from ttalign.benchmarks.processes import free_port
+from ttalign.engine import replicas
 from ttalign.engine.base import (
     CompletionDelta,
     EngineRequestError,
@@ -511,6 +512,28 @@ async def test_a_silent_replica_times_out_and_is_retried(fleet, make_engine) -> 
     assert fleet.served_by()[:2] == [1, 1]
     await wait_until(lambda: hung.disconnects == 1, timeout=2)  # the call was closed
     assert all(r.healthy for r in engine.pool.replicas)  # slow is not gone
+
+
+async def test_a_hung_replica_is_given_up_on_when_its_health_checks_fail(
+    fleet, make_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It takes the call and answers nothing, not even /health: the health loop takes it out
+    # after three missed checks and the waiting call moves on, long before the read timeout.
+    monkeypatch.setattr(replicas, "HEALTH_TIMEOUT_SECONDS", 0.1)
+    engine = make_engine(fleet.urls[:2], read_timeout=600, health_interval=0.05)
+    hung = preferred(fleet, engine, "hung")
+    hung.fail(Failure("hang"))
+    hung.health_delay = 1.0
+    started = time.monotonic()
+    with request_routing("hung"):
+        generation = await engine.generate(await prompt(), SamplingSettings())
+    assert time.monotonic() - started < 10
+    assert generation.completions[0].text == reply_text(0)
+    assert fleet.served_by()[:2] == [1, 1]
+    await wait_until(lambda: hung.disconnects == 1, timeout=2)  # the call was closed
+    [gone] = [r for r in engine.pool.replicas if not r.healthy]
+    assert fleet.fake(gone.url) is hung and gone.health_misses >= 3
+    assert "left the rotation while the call waited" in gone.last_error
 
 
 async def test_every_replica_failing_is_engine_unavailable(fleet, make_engine) -> None:

@@ -410,6 +410,99 @@ async def test_with_every_replica_out_the_calls_still_try_them(make_pool) -> Non
         assert await pool.call(serve_url) in URLS
 
 
+class HungReplica:
+    """Attempts that never finish on ``hung`` (until cancelled) and serve elsewhere."""
+
+    def __init__(self, hung: Replica) -> None:
+        self.hung = hung
+        self.waiting = asyncio.Event()
+        self.cancelled = 0
+
+    async def _hang(self) -> None:
+        self.waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def call(self, replica: Replica, headers: dict[str, str]) -> str:
+        if replica is self.hung:
+            await self._hang()
+        return replica.url
+
+    async def stream(self, replica: Replica, headers: dict[str, str]) -> AsyncIterator[str]:
+        if replica is self.hung:
+            await self._hang()
+        for part in ("a", "b"):
+            yield f"{replica.url}/{part}"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_call_waiting_on_a_replica_that_leaves_the_rotation_moves_on(
+    make_pool, streamed: bool
+) -> None:
+    # What the health loop does to a replica that hangs: the calls it holds must not wait
+    # for a read timeout sized for long generations.
+    pool = make_pool(retries=1)
+    with request_routing("hung-1"):
+        hung = HungReplica(chosen(pool)[0])
+    with request_routing("hung-1"):
+        if streamed:
+            task = asyncio.create_task(collect_stream(pool.stream(hung.stream)))
+        else:
+            task = asyncio.create_task(pool.call(hung.call))
+        await asyncio.wait_for(hung.waiting.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        hung.hung.healthy = False
+        served = await asyncio.wait_for(task, 5)
+    other = [r.url for r in pool.replicas if r is not hung.hung]
+    if streamed:
+        assert served[0].rsplit("/", 1)[0] in other and len(served) == 2
+    else:
+        assert served in other
+    assert hung.cancelled == 1  # the hung attempt was closed, not left running
+    assert hung.hung.errors == 1 and hung.hung.retries == 1
+    assert "left the rotation while the call waited" in hung.hung.last_error
+
+
+async def test_a_stream_already_under_way_is_not_cut_when_its_replica_leaves(make_pool) -> None:
+    pool = make_pool(retries=1)
+    with request_routing("under-way"):
+        replica = chosen(pool)[0]
+        released = asyncio.Event()
+
+        async def slow_second_item(replica: Replica, headers: dict[str, str]):
+            yield "first"
+            await released.wait()
+            yield "second"
+
+        items = pool.stream(slow_second_item)
+        assert await anext(items) == "first"
+        replica.healthy = False  # output has gone out: no other replica can continue it
+        released.set()
+        assert [item async for item in items] == ["second"]
+    assert replica.errors == 0
+
+
+async def test_cancelling_a_call_cancels_its_attempt(make_pool) -> None:
+    pool = make_pool()
+    with request_routing("cancelled"):
+        hung = HungReplica(chosen(pool)[0])
+        task = asyncio.create_task(pool.call(hung.call))
+        await asyncio.wait_for(hung.waiting.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hung.cancelled == 1
+    assert hung.hung.healthy and hung.hung.errors == 0
+
+
+async def collect_stream(items: AsyncIterator[str]) -> list[str]:
+    return [item async for item in items]
+
+
 def test_transport_errors_that_mean_the_server_is_gone() -> None:
     request = httpx.Request("POST", "http://replica-a:8000/v1/completions")
     gone = [
