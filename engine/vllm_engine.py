@@ -48,8 +48,10 @@ class VllmEngine(RendersLocally):
         model_name: str,
         chat_template: str | None = None,
         temperature_heads: Mapping[str, TemperatureHeadInfo] | None = None,
+        deterministic: bool = False,
     ) -> None:
         self._llm = llm
+        self._deterministic = deterministic
         self._temperature_heads = dict(temperature_heads or {})
         self._chat_template = chat_template
         self._model_name = model_name
@@ -59,6 +61,8 @@ class VllmEngine(RendersLocally):
         self._sampling_defaults = model_sampling_defaults(llm.model_config)
         self._eos_token_ids = eos_token_ids(self._tokenizer, llm.model_config)
         self._running: set[str] = set()
+        self._dtype = str(llm.model_config.dtype).removeprefix("torch.")
+        self._prefix_caching = bool(llm.vllm_config.cache_config.enable_prefix_caching)
 
     @classmethod
     def start(
@@ -78,6 +82,7 @@ class VllmEngine(RendersLocally):
         seed: int = 0,
         enforce_eager: bool = False,
         temperature_heads: Mapping[str, str] | None = None,
+        deterministic: bool = False,
     ) -> VllmEngine:
         """Build the engine (this spawns vLLM's engine-core process).
 
@@ -85,6 +90,9 @@ class VllmEngine(RendersLocally):
         :attr:`sampling_defaults`, as in ``vllm serve``) or ``vllm`` (no model defaults).
         Raises :class:`~ttalign.engine.base.EngineStartupError` when the engine cannot start,
         before spawning anything where the cause can be known in advance.
+
+        ``deterministic`` trades speed for reproducibility (see :func:`resolve_dtype`): no
+        call reads the prefix cache, and ``auto`` serves float32.
 
         Every engine carries the adaptive-temperature logits processor (a no-op for requests
         that do not opt in); ``temperature_heads`` maps head names to head files, which must
@@ -96,6 +104,17 @@ class VllmEngine(RendersLocally):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         template = load_chat_template(chat_template) if chat_template else None
+        served_dtype = resolve_dtype(dtype, deterministic=deterministic)
+        # A prompt whose prefix comes from the cache is computed in different pieces than
+        # the same prompt computed whole, and gives other logits (measured in float32 too).
+        enable_prefix_caching = enable_prefix_caching and not deterministic
+        logger.info(
+            "serving %s in %s (deterministic: %s, prefix caching: %s)",
+            model_name,
+            served_dtype,
+            "on" if deterministic else "off",
+            "on" if enable_prefix_caching else "off",
+        )
         kv_cache_bytes = resolve_kv_cache_memory(kv_cache_memory)
         check_kv_cache_fits(kv_cache_bytes, cpu_node_memory())
         heads: dict[str, TemperatureHeadInfo] = {}
@@ -114,7 +133,7 @@ class VllmEngine(RendersLocally):
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=[model_name],
-            dtype=resolve_dtype(dtype),
+            dtype=served_dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_bytes,
@@ -136,7 +155,7 @@ class VllmEngine(RendersLocally):
         except RuntimeError as exc:  # the engine core process died while starting
             message = start_failure_message(exc, kv_cache_bytes, cpu_node_memory(), model_path)
             raise EngineStartupError(message) from exc
-        return cls(llm, model_name, template, heads)
+        return cls(llm, model_name, template, heads, deterministic)
 
     # --- EngineClient ---------------------------------------------------------------------
 
@@ -155,6 +174,21 @@ class VllmEngine(RendersLocally):
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos_token_ids
+
+    @property
+    def dtype(self) -> str:
+        """The dtype vLLM computes in (``bfloat16``, ``float32``, ...)."""
+        return self._dtype
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether vLLM reuses the KV cache of prompt prefixes across calls."""
+        return self._prefix_caching
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the engine was started in ``--deterministic`` mode."""
+        return self._deterministic
 
     # --- AdaptiveTemperatureEngine -------------------------------------------------------
 
@@ -225,7 +259,12 @@ class VllmEngine(RendersLocally):
         return EngineHealth(
             True,
             len(self._running),
-            extra={"engine_unfinished_requests": self._llm.get_num_unfinished_requests()},
+            extra={
+                "engine_unfinished_requests": self._llm.get_num_unfinished_requests(),
+                "dtype": self._dtype,
+                "deterministic": self._deterministic,
+                "prefix_caching": self._prefix_caching,
+            },
         )
 
     def engine_running_requests(self) -> int:
@@ -375,26 +414,50 @@ def chunked_prefill_supported() -> bool:
     return not current_platform.is_cpu()
 
 
-def resolve_dtype(dtype: str) -> str:
-    """``auto`` means the model's dtype, except on CPUs that only emulate bfloat16.
+def resolve_dtype(dtype: str, *, deterministic: bool = False) -> str:
+    """The dtype to serve in.
 
-    Without AVX512-BF16 or AMX, vLLM's CPU build falls back from oneDNN to plain torch
-    matmuls in bf16, about three times slower than float32 (measured on SmolLM2-135M:
-    512 tokens in 21 s in bf16, 7.3 s in float32, n=8).
+    ``auto`` means the model's dtype, except on CPUs that only emulate bfloat16: without
+    AVX512-BF16 or AMX, vLLM's CPU build falls back from oneDNN to plain torch matmuls in
+    bf16, about three times slower than float32 (measured on SmolLM2-135M: 512 tokens in
+    21 s in bf16, 7.3 s in float32, n=8).
+
+    In deterministic mode ``auto`` means float32 everywhere, and a half-precision dtype is
+    refused on CPUs with AMX: there vLLM's bf16 kernels (AMX attention, oneDNN AMX matmuls)
+    give a row other logits depending on the batch it shares, which moved a judge score by
+    0.14 between two identical calls. float32 never takes those paths.
     """
-    if dtype != "auto":
-        return dtype
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    on_cpu = current_platform.is_cpu()
+    if deterministic:
+        if dtype == "auto":
+            return "float32"
+        if on_cpu and dtype in HALF_DTYPES and _has_amx():
+            raise EngineStartupError(
+                f"--deterministic cannot hold in {dtype} on this CPU: its AMX kernels give a "
+                "request other logits depending on what it is batched with. Use --dtype "
+                "auto (float32 in deterministic mode) or float32."
+            )
+        return dtype
+    if dtype != "auto" or not on_cpu:
         return dtype
     import torch
 
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if native_bf16:
+    if torch.cpu._is_avx512_bf16_supported() or _has_amx():
         return dtype
     logger.info("this CPU has no native bfloat16 support; serving in float32")
     return "float32"
+
+
+#: Dtypes whose CPU kernels take AMX where the CPU has it.
+HALF_DTYPES = frozenset({"bfloat16", "half", "float16"})
+
+
+def _has_amx() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_amx_tile_supported())
 
 
 def _structured_outputs(structured: StructuredOutput | None) -> Any:

@@ -62,6 +62,7 @@ def build_engine(settings: ServerSettings) -> EngineClient | Awaitable[EngineCli
         seed=settings.seed,
         enforce_eager=settings.enforce_eager,
         temperature_heads=temperature_heads(settings, model_path),
+        deterministic=settings.deterministic,
     )
 
 

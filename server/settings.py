@@ -89,6 +89,12 @@ class ServerSettings(BaseSettings):
         True, description="Reuse KV cache across requests sharing a prompt prefix."
     )
     seed: int = Field(0, description="Engine-wide seed for requests that send none.")
+    deterministic: bool = Field(
+        False,
+        description="Trade speed for reproducibility: a seeded request gives the same text and "
+        "rewards however it is batched. No call reads the prefix cache, and --dtype auto "
+        "serves float32 (bfloat16 is refused on CPUs with AMX). In-process engine only.",
+    )
     enforce_eager: bool = Field(
         False,
         description="Skip torch.compile and CUDA graphs: much faster start, slower decoding. "
@@ -260,6 +266,11 @@ class ServerSettings(BaseSettings):
     def _remote_needs_urls(self) -> ServerSettings:
         if self.engine == "remote" and not self.engine_url_list():
             raise ValueError("--engine remote needs --engine-urls (one URL or several)")
+        if self.engine == "remote" and self.deterministic:
+            raise ValueError(
+                "--deterministic applies to the in-process engine; in remote mode start the "
+                "replicas with --dtype float32 --no-enable-prefix-caching instead"
+            )
         return self
 
     def temperature_head_paths(self) -> tuple[dict[str, Path], bool]:

@@ -132,6 +132,7 @@ class TPOConfig(StrategyConfig):
 
 @register_strategy
 class TestTimePreferenceOptimization(Strategy[TPOConfig]):
+    __test__ = False  # not a pytest test class, whatever module imports it
     name = "tpo"
     description = (
         "Test-Time Preference Optimization: responses are refined over rounds of textual "

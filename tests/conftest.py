@@ -133,28 +133,51 @@ class BorrowedEngine:
         return None
 
 
-@pytest.fixture(scope="session")
-def serve_on_real_engine(real_server: RunningServer, real_engine):
-    """Start more ttalign servers with their own settings over the session's one engine.
+def borrowing_servers(owner: RunningServer):
+    """A context manager factory serving more ttalign apps over ``owner``'s engine.
 
-    ``with serve_on_real_engine(max_tokens_cap=16, api_key="k") as server:`` serves a new
-    app (real uvicorn, real engine, no second engine start) until the block exits. It runs
-    on the session server's event loop: vLLM's engine client is bound to one loop and is
-    not thread-safe.
+    ``with serve(max_tokens_cap=16, api_key="k") as server:`` serves a new app (real
+    uvicorn, the owner's engine, no second engine start) until the block exits. It runs on
+    the owner's event loop: vLLM's engine client is bound to one loop and is not
+    thread-safe.
     """
+    engine = owner.app.state.engine
+    owner_settings = owner.app.state.settings
 
     @contextmanager
     def serve(*, reward_factory=None, **overrides: object) -> Iterator[RunningServer]:
         kwargs = {} if reward_factory is None else {"reward_factory": reward_factory}
+        values = {"warmup": False, "deterministic": owner_settings.deterministic, **overrides}
         app = create_app(
-            real_engine_settings(warmup=False, **overrides),
-            engine_factory=lambda _: BorrowedEngine(real_engine),
+            real_engine_settings(**values),
+            engine_factory=lambda _: BorrowedEngine(engine),
             **kwargs,
         )
-        with serve_beside(real_server, app) as running:
+        with serve_beside(owner, app) as running:
             yield running
 
     return serve
+
+
+@pytest.fixture(scope="session")
+def serve_on_real_engine(real_server: RunningServer):
+    """More ttalign servers over the session's one engine (see :func:`borrowing_servers`)."""
+    return borrowing_servers(real_server)
+
+
+@pytest.fixture(scope="session")
+def deterministic_server() -> Iterator[RunningServer]:
+    """ttalign in ``--deterministic`` mode (float32, no prefix-cache reads), on an engine of
+    its own: the session's second and last engine, for tests that compare results across
+    calls."""
+    with serve_in_thread(create_app(real_engine_settings(deterministic=True))) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def serve_on_deterministic_engine(deterministic_server: RunningServer):
+    """More ttalign servers over the deterministic engine (see :func:`borrowing_servers`)."""
+    return borrowing_servers(deterministic_server)
 
 
 def fake_settings(**overrides: object) -> ServerSettings:

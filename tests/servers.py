@@ -159,6 +159,16 @@ def _record_startup(app: FastAPI) -> _Startup:
     return startup
 
 
+def wait_until_sync(predicate: Callable[[], bool], timeout: float = 60.0) -> float:
+    """Poll ``predicate`` every 20 ms from a plain thread until it holds; fail the test after
+    ``timeout`` s. Returns the seconds it took."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "condition not reached in time"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
     """Poll ``predicate`` every 50 ms until it holds; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout

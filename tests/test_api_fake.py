@@ -20,7 +20,7 @@ from ttalign.strategies.registry import _REGISTRY, register_strategy
 
 from tests.conftest import fake_settings
 from tests.fakes import FakeEngine
-from tests.servers import RunningServer, serve_in_thread
+from tests.servers import RunningServer, serve_in_thread, wait_until, wait_until_sync
 
 QUESTION = [{"role": "user", "content": "hello"}]
 
@@ -96,7 +96,10 @@ def test_progress_chunks_come_before_the_answer(client: openai.OpenAI) -> None:
     assert chunks[-1].model_extra["alignment"]["engine_calls"] == 3
 
 
-def test_non_streamed_alignment_metadata(client: openai.OpenAI) -> None:
+def test_non_streamed_alignment_metadata(
+    client: openai.OpenAI, fake_engine: FakeEngine
+) -> None:
+    fake_engine.delay = 0.2  # two engine calls: the request takes at least 0.4 s
     response = client.chat.completions.create(
         model="fake-model",
         messages=QUESTION,
@@ -108,7 +111,7 @@ def test_non_streamed_alignment_metadata(client: openai.OpenAI) -> None:
     assert alignment["engine_calls"] == 2
     assert alignment["candidates_generated"] == 2
     assert alignment["rewards"] == [1.5]
-    assert alignment["elapsed_seconds"] >= 0
+    assert 0.4 <= alignment["elapsed_seconds"] < 30
 
 
 def test_strategy_config_type_error_names_the_field(client: openai.OpenAI) -> None:
@@ -170,8 +173,7 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new() -> None:
 
         worker = threading.Thread(target=slow_request)
         worker.start()
-        while engine.running == 0:
-            pass
+        wait_until_sync(lambda: engine.running > 0, timeout=10)
         running.server.should_exit = True
         worker.join(timeout=10)
         with pytest.raises(openai.APIConnectionError):
@@ -187,8 +189,7 @@ async def test_disconnect_cancels_the_strategy(
     task = asyncio.create_task(
         client.chat.completions.create(model="fake-model", messages=QUESTION)
     )
-    while fake_engine.running == 0:
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: fake_engine.running > 0, timeout=10)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     for _ in range(200):

@@ -6,6 +6,7 @@ import httpx
 import openai
 import pytest
 
+from tests.determinism import score_drift_bound
 from tests.servers import RunningServer
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.fleet]
@@ -62,7 +63,12 @@ def test_returns_the_highest_scoring_candidate(
     texts = [c["text"] for c in trace["candidates"]]
     assert len(texts) == 6
     # The reward itself, asked again about the very same candidates, agrees with the trace.
-    assert rescore(real_server, reward, texts, **extra) == pytest.approx(trace["rewards"], abs=1e-4)
+    # Rules are exact; the judge within what was measured (batch company moves bfloat16
+    # judge scores on AMX CPUs).
+    bound = score_drift_bound(real_server.app.state.engine) if reward == "judge" else 1e-9
+    assert rescore(real_server, reward, texts, **extra) == pytest.approx(
+        trace["rewards"], abs=bound
+    )
     best = max(trace["rewards"])
     answer = response.choices[0].message.content
     assert alignment["rewards"] == [pytest.approx(best)]

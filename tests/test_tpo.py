@@ -18,7 +18,8 @@ from ttalign.server.app import create_app
 from ttalign.strategies import get_strategy
 from ttalign.strategies.base import AlignmentRequest, ProgressEvent, RewardResolver, StrategyContext
 from ttalign.strategies.errors import InvalidStrategyRequest
-from ttalign.strategies.tpo import TestTimePreferenceOptimization, TPOConfig
+from ttalign.strategies.tpo import TestTimePreferenceOptimization as TPOStrategy
+from ttalign.strategies.tpo import TPOConfig
 from ttalign.strategies.tpo_prompts import DEFAULT_TEMPLATES, fill
 
 from tests.conftest import fake_settings
@@ -472,7 +473,7 @@ async def test_concurrent_requests_share_the_engine() -> None:
 async def test_width_over_the_server_cap_is_rejected() -> None:
     with pytest.raises(InvalidStrategyRequest) as caught:
         ctx = make_ctx(FakeEngine(), FakeReward(), max_candidates=4)
-        TestTimePreferenceOptimization().check(ctx.request, TPOConfig(width=5))
+        TPOStrategy().check(ctx.request, TPOConfig(width=5))
     assert caught.value.param == "strategy_config.width"
 
 
