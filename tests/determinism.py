@@ -1,6 +1,6 @@
 """What the README promises about reproducibility, as numbers the real-engine tests use.
 
-Measured with ``benchmarks/determinism_probe.py`` (the README's reproducibility section):
+Measured with ``benchmarks/determinism.py`` (the README's "Reproducibility" section):
 
 - ``--deterministic`` (float32, no prefix-cache reads): a seeded request's text and rewards
   were bit-identical across calls, alone or beside other traffic, on every CPU measured.

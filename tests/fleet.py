@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 from ttalign.benchmarks.processes import free_port, vllm_server_command, wait_healthy
 from ttalign.engine.remote_engine import metric_sum
+from ttalign.engine.vllm_engine import resolve_dtype
+from ttalign.server.settings import ServerSettings
 
 #: Each replica's KV cache, in bytes (never a fraction: node memory differs by machine).
 REPLICA_KV_CACHE_BYTES = 256 << 20
@@ -35,6 +37,8 @@ class VllmReplica:
         # The benchmarks' 1 GiB cache is more than two test replicas need.
         at = command.index("--kv-cache-memory-bytes")
         command[at + 1] = str(REPLICA_KV_CACHE_BYTES)
+        # The dtype the suite was asked for (TTALIGN_DTYPE), as the in-process engine uses.
+        command[command.index("--dtype") + 1] = resolve_dtype(ServerSettings().dtype)
         return command
 
     def launch(self) -> None:
