@@ -21,21 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from ttalign.benchmarks.chat_prompts import PROMPTS
 from ttalign.benchmarks.processes import free_port, running_server, ttalign_server_command
 from ttalign.server.model_prep import prepare_embedded_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 MODEL_NAME = "smollm2"
-PROMPTS = [
-    "Write a short story about a fox who learns to sail.",
-    "Explain how a refrigerator keeps food cold.",
-    "List some ideas for a rainy afternoon.",
-    "Describe the city of Lisbon to a visitor.",
-    "Give advice to someone starting to run.",
-    "Write a poem about autumn leaves.",
-    "What makes a good cup of tea?",
-    "Summarize the plot of a heist film you invent.",
-]
 ARMS: dict[str, dict[str, Any]] = {
     "plain": {"strategy": "none", "temperature": 1.0},
     "adaptive_token_learned": {

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
+from ttalign.benchmarks.chat_prompts import PROMPTS
 from ttalign.benchmarks.processes import (
     Server,
     free_port,
@@ -39,16 +40,6 @@ from ttalign.server.model_prep import prepare_embedded_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 MODEL_NAME = "smollm2"
-PROMPTS = [
-    "Write a short story about a fox who learns to sail.",
-    "Explain how a refrigerator keeps food cold.",
-    "List some ideas for a rainy afternoon.",
-    "Describe the city of Lisbon to a visitor.",
-    "Give advice to someone starting to run.",
-    "Write a poem about autumn leaves.",
-    "What makes a good cup of tea?",
-    "Summarize the plot of a heist film you invent.",
-]
 PROBE = [{"role": "user", "content": "Give one tip for staying focused while studying."}]
 
 
