@@ -60,8 +60,35 @@ class UnknownInstructionError(ValueError):
         self.instruction_id = instruction_id
 
 
+#: The names in if-verifiable's own modules that :func:`_registry` replaces. Assigning a name
+#: a release no longer reads would silently do nothing (and fetch Punkt from the network, or
+#: run backtracking regexes), so their presence is checked before each is replaced.
+PATCHED_NAMES: dict[str, tuple[str, ...]] = {
+    "if_verifiable.ifeval.instructions_util": ("_get_sentence_tokenizer", "nltk"),
+    "if_verifiable.ifeval.instructions": ("re", "langdetect"),
+}
+
+
+def missing_patch_targets() -> list[str]:
+    """The :data:`PATCHED_NAMES` the installed if-verifiable lacks (``module.name``)."""
+    import importlib
+
+    return [
+        f"{module}.{name}"
+        for module, names in PATCHED_NAMES.items()
+        for name in names
+        if not hasattr(importlib.import_module(module), name)
+    ]
+
+
 @lru_cache(maxsize=1)
 def _registry() -> dict[str, Any]:
+    missing = missing_patch_targets()
+    if missing:
+        raise RuntimeError(
+            f"this if-verifiable release lacks {', '.join(missing)}, which ttalign replaces "
+            "to run IFEval's checkers offline and in linear time; install the pinned version"
+        )
     import langdetect
     import nltk
     import punkt

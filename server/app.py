@@ -29,7 +29,12 @@ from ttalign.server.metrics import Metrics
 from ttalign.server.openapi import install_openapi
 from ttalign.server.responses import sse
 from ttalign.server.scoring import ScoreService
-from ttalign.server.serving import ChatCompletionService, PreparedRequest, parse_request
+from ttalign.server.serving import (
+    ChatCompletionService,
+    PreparedRequest,
+    load_prompt_overrides,
+    parse_request,
+)
 from ttalign.server.settings import ServerSettings
 from ttalign.strategies import all_strategies
 
@@ -70,6 +75,7 @@ def create_app(
     a minute starting.
     """
     api_keys = load_api_keys(settings)
+    load_prompt_overrides(settings.prompt_overrides)  # a bad file fails before the engine starts
     if settings.reward_config is not None:
         read_reward_config(settings.reward_config, settings.default_reward)
     # Finds the model folder now; its weights load on the first embedding.

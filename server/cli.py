@@ -85,8 +85,8 @@ def serve(settings: ServerSettings) -> None:
     from ttalign.server.shutdown import FLUSH_SECONDS, DrainingServer
 
     try:
-        app = create_app(settings)  # reads the API key and reward config files
-    except ValueError as exc:  # ApiKeyConfigError, RewardConfigError
+        app = create_app(settings)  # reads the API key, reward config and prompt files
+    except ValueError as exc:  # ApiKeyConfigError, RewardConfigError, prompt overrides
         sys.exit(f"ttalign: {exc}")
     config = uvicorn.Config(
         app,

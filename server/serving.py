@@ -49,6 +49,7 @@ from ttalign.strategies.base import (
 )
 from ttalign.strategies.budget import ComputeBudget
 from ttalign.strategies.errors import InvalidStrategyRequest
+from ttalign.strategies.prompt_overrides import check_prompt_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +79,23 @@ class PreparedRequest:
 
 
 def load_prompt_overrides(path: Path | None) -> dict[str, str]:
-    """Template name -> replacement text, from a JSON object file (empty without one)."""
+    """Template name -> replacement text, from a JSON object file (empty without one).
+
+    Raises ``ValueError`` for an unreadable file, one that is not an object of strings, or
+    a template name no strategy has (the message lists the valid names).
+    """
     if path is None:
         return {}
-    overrides = json.loads(Path(path).read_text())
+    try:
+        overrides = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read prompt overrides: {exc}") from None
     if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
         raise ValueError(f"{path}: prompt overrides must be a JSON object of strings")
+    try:
+        check_prompt_overrides(overrides)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return overrides
 
 

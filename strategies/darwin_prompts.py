@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from ttalign.strategies.templates import fill
 
+#: The name an override file gives :data:`MUTATION`.
+MUTATION_TEMPLATE_NAME = "darwin.mutation"
 MUTATION = (
     "Below is a task that someone gave to an AI assistant. Do not carry out the task. "
     "Instead, write {count} new versions of it. Every version must ask for exactly the "
@@ -59,7 +61,7 @@ def mutation_messages(
 
     Render it with ``continue_final_message`` so the model goes on from :data:`LIST_START`.
     """
-    template = overrides.get("darwin.mutation", MUTATION)
+    template = overrides.get(MUTATION_TEMPLATE_NAME, MUTATION)
     return [
         {"role": "user", "content": fill(template, count=str(count), instruction=instruction)},
         {"role": "assistant", "content": LIST_START},

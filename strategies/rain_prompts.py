@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from ttalign.strategies.templates import fill
 
 #: The question, with the parts that never change first (the prefix cache keeps them).
+#: The name an override file gives :data:`QUESTION`.
+QUESTION_TEMPLATE_NAME = "rain.question"
 QUESTION = (
     "You are reviewing a reply that an AI assistant is still writing. It may stop in the "
     "middle of a sentence: judge only what it says so far, not what it leaves out.\n\n"
@@ -83,7 +85,7 @@ class EvaluationPrompts:
         rubric = RUBRICS[name]
         criterion = overrides.get(f"rain.rubric.{name}", rubric.criterion)
         return cls(
-            overrides.get("rain.question", QUESTION),
+            overrides.get(QUESTION_TEMPLATE_NAME, QUESTION),
             Rubric(criterion, rubric.good, rubric.bad),
         )
 

@@ -96,9 +96,7 @@ def test_progress_chunks_come_before_the_answer(client: openai.OpenAI) -> None:
     assert chunks[-1].model_extra["alignment"]["engine_calls"] == 3
 
 
-def test_non_streamed_alignment_metadata(
-    client: openai.OpenAI, fake_engine: FakeEngine
-) -> None:
+def test_non_streamed_alignment_metadata(client: openai.OpenAI, fake_engine: FakeEngine) -> None:
     fake_engine.delay = 0.2  # two engine calls: the request takes at least 0.4 s
     response = client.chat.completions.create(
         model="fake-model",

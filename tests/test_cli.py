@@ -48,3 +48,31 @@ def test_readme_configuration_reference_lists_every_setting() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name in ServerSettings.model_fields:
         assert f"`TTALIGN_{name.upper()}`" in readme, f"README lacks TTALIGN_{name.upper()}"
+
+
+def test_unknown_prompt_override_exits_at_start_listing_the_valid_names(tmp_path) -> None:
+    overrides = tmp_path / "prompts.json"
+    overrides.write_text('{"tpo.los_user": "typo", "rain.question": "fine"}')
+    result = subprocess.run(
+        [sys.executable, "-m", "ttalign.server.cli", "serve", "--prompt-overrides", str(overrides)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "unknown prompt template(s) tpo.los_user" in result.stderr
+    for valid in ("tpo.loss_user", "rain.question", "rain.rubric.harmless", "darwin.mutation"):
+        assert valid in result.stderr  # the valid names are listed
+    assert "rain.question," not in result.stderr.split("valid names are")[0]  # known: not refused
+
+
+def test_deterministic_mode_is_refused_in_remote_mode() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ttalign.server.cli", "serve", "--engine", "remote",
+         "--engine-urls", "http://127.0.0.1:1", "--deterministic"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--deterministic applies to the in-process engine" in result.stderr

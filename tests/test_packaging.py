@@ -81,3 +81,40 @@ def test_the_console_script_runs_from_outside_the_checkout(tmp_path: Path) -> No
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert probe.stdout.strip() == "None"
+
+
+def _declared_distributions() -> tuple[set[str], set[str]]:
+    """The canonical names pyproject.toml declares: (core dependencies, every extra)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {_canonical(re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0]) for r in requirements}
+
+    extras = set().union(*(names(group) for group in project["optional-dependencies"].values()))
+    return names(project["dependencies"]), extras
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_every_third_party_import_is_declared(folder: str) -> None:
+    import importlib.metadata
+
+    core, extras = _declared_distributions()
+    # vLLM's CPU and CUDA builds both provide `vllm`; torch and gguf come with them or `model`.
+    providers = importlib.metadata.packages_distributions()
+    undeclared = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for line, name in _ttalign_imports(path):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top in ("ttalign", "tests", "__future__"):
+                continue
+            distributions = {_canonical(d) for d in providers.get(top, [top])}
+            if not distributions & (core | extras):
+                undeclared.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert not undeclared, "\n".join(undeclared)

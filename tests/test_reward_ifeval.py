@@ -223,3 +223,36 @@ async def test_a_pattern_that_breaks_inside_ifeval_is_a_400_at_scoring() -> None
     with pytest.raises(InvalidConstraintsError) as caught:
         await client.score(USER, ["P.S. hi"])
     assert caught.value.param == "constraints[1].kwargs"
+
+
+def test_the_names_ttalign_replaces_in_if_verifiable_still_exist() -> None:
+    # In a fresh interpreter: once the checkers load, the replaced names exist whatever the
+    # release, so only an unpatched import shows whether a new release dropped one.
+    import subprocess
+    import sys
+
+    probe = (
+        "from ttalign.reward_clients.ifeval_checks import missing_patch_targets as m; print(m())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_release_without_a_replaced_name_is_refused(monkeypatch) -> None:
+    from ttalign.reward_clients import ifeval_checks
+
+    monkeypatch.setitem(
+        ifeval_checks.PATCHED_NAMES,
+        "if_verifiable.ifeval.instructions",
+        ("re", "a_name_no_release_has"),
+    )
+    ifeval_checks._registry.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="a_name_no_release_has"):
+            ifeval_checks.preload()
+    finally:
+        monkeypatch.undo()
+        ifeval_checks._registry.cache_clear()
+        ifeval_checks.preload()
