@@ -259,6 +259,11 @@ class EngineStartupError(RuntimeError):
     """The engine could not start; the message says which setting to change."""
 
 
+class CallNotAdmitted(Exception):
+    """An engine call its caller's own limits refused before it started (a request's compute
+    budget). Layers in between pass it on unchanged, so the request's owner sees it."""
+
+
 class EngineUnavailableError(RuntimeError):
     """The engine cannot serve: it died, or it failed a request for reasons of its own."""
 

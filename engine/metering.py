@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import aclosing, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from ttalign.engine.base import (
@@ -24,8 +25,11 @@ class EngineUsage:
 
     engine_calls: int = 0
     candidates_generated: int = 0
+    #: Prompt and completion tokens of every call, reward clients' (a judge's) included.
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Engine calls reward clients made to score for the request (a judge's ratings).
+    reward_engine_calls: int = 0
 
 
 class MeteredEngine:
@@ -129,3 +133,45 @@ class MeteredEngine:
     def _count_call(self, sampling: SamplingSettings) -> None:
         self.usage.engine_calls += 1
         self.usage.candidates_generated += sampling.n
+
+
+class ScoringMeter:
+    """Meters the engine calls a reward client makes for one request (a judge on the serving
+    engine) into that request's usage, and asks the request's budget before each one.
+
+    ``admit(tokens)`` raises (a :class:`~ttalign.engine.base.CallNotAdmitted`) when a call
+    of ``tokens`` prompt and completion tokens could exceed the budget. Scoring calls count
+    in :attr:`EngineUsage.reward_engine_calls` and in the tokens, never as the strategy's
+    own engine calls or as generated candidates.
+    """
+
+    def __init__(self, usage: EngineUsage, admit: Callable[[int], None] | None = None) -> None:
+        self.usage = usage
+        self._admit = admit
+
+    def before(self, prompt_tokens: int, max_tokens: int) -> None:
+        if self._admit is not None:
+            self._admit(prompt_tokens + max_tokens)
+
+    def after(self, generation: Generation) -> None:
+        self.usage.reward_engine_calls += 1
+        self.usage.prompt_tokens += generation.prompt_tokens
+        self.usage.completion_tokens += generation.completion_tokens
+
+
+_SCORING_METER: ContextVar[ScoringMeter | None] = ContextVar("ttalign_scoring_meter", default=None)
+
+
+def current_scoring_meter() -> ScoringMeter | None:
+    """The meter of the request this task serves (``None`` outside one)."""
+    return _SCORING_METER.get()
+
+
+@contextmanager
+def metered_scoring(meter: ScoringMeter | None) -> Iterator[None]:
+    """Within the block (and tasks started in it), reward calls meter into ``meter``."""
+    token = _SCORING_METER.set(meter)
+    try:
+        yield
+    finally:
+        _SCORING_METER.reset(token)

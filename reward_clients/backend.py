@@ -21,11 +21,12 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
-from ttalign.engine.base import EngineUnavailableError
+from ttalign.engine.base import CallNotAdmitted, EngineUnavailableError
+from ttalign.engine.metering import ScoringMeter, current_scoring_meter
 from ttalign.reward_clients.base import Message, RewardClientError, RewardTimeout, RewardUnavailable
 from ttalign.reward_clients.batching import MicroBatcher
 
@@ -71,6 +72,10 @@ class ScoringItem:
     candidate: str
     #: The candidate is an unfinished reply: render its turn open, not closed.
     partial: bool = False
+    #: Where engine calls made to score this item are metered: the requesting task's
+    #: :class:`~ttalign.engine.metering.ScoringMeter`, captured when it was submitted (a batch
+    #: may hold items of several requests). ``None``: not metered.
+    meter: ScoringMeter | None = field(default=None, compare=False)
 
     def messages(self) -> list[Message]:
         """The conversation with the candidate as the final assistant turn."""
@@ -120,7 +125,10 @@ class BackendReward(ABC):
     ) -> list[float]:
         """Score every candidate; concurrent calls may share one backend batch."""
         frozen = tuple(dict(m) for m in conversation)
-        return await self._batcher.submit([ScoringItem(frozen, c, partial) for c in candidates])
+        meter = current_scoring_meter()
+        return await self._batcher.submit(
+            [ScoringItem(frozen, c, partial, meter) for c in candidates]
+        )
 
     @abstractmethod
     async def score_items(self, items: Sequence[ScoringItem]) -> Sequence[float]:
@@ -153,6 +161,10 @@ class BackendReward(ABC):
                     continue
                 self._record(kind, started, len(items))
                 raise self._final_error(kind, exc, attempt + 1) from exc
+            except CallNotAdmitted:
+                # The request's own budget refused an engine call: not the backend's failure.
+                self._record("refused", started, len(items))
+                raise
             except (RewardClientError, EngineUnavailableError):
                 # A dead serving engine (under the judge) is the engine's 503, not the reward's.
                 self._record("error", started, len(items))

@@ -8,9 +8,14 @@ takes the expectation of the rating over the single-digit ratings among them::
     score = sum(r * p(r)) / sum(p(r))   for r in scale_min..scale_max found in the top-k
 
 If no rating token is among the top-k, the candidate cannot be scored and the call fails
-(it is never scored as zero). All candidates of one call are requested concurrently, so the
-engine batches them; when one fails, or the call is cancelled (every caller went away, see
-:mod:`reward_clients.batching`), the others are cancelled too, which aborts them in the engine.
+(it is never scored as zero). On the serving engine, every rating call is metered into the
+request it scores for (``alignment.engine_tokens``) and admitted by that request's compute
+budget first (``--max-request-engine-tokens``).
+
+All candidates of one call are requested concurrently, so the engine batches them; when
+one fails, or the call is cancelled (every caller went away, see
+:mod:`reward_clients.batching`), the others are cancelled too, which aborts them in the
+engine.
 
 Backends: the serving engine itself (an :class:`~ttalign.engine.base.EngineClient`), or a
 remote OpenAI-compatible vLLM server (``/v1/chat/completions`` with
@@ -120,9 +125,13 @@ class JudgeReward(BackendReward):
         self._http = JsonHttp(name, url, headers=headers) if url is not None else None
 
     async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
-        rate = self._rate_remote if self._http is not None else self._rate_on_engine
         alternatives = await gather_or_cancel(
-            *(rate(judge_messages(item, self.rubric, *self.scale)) for item in items)
+            *(
+                self._rate_remote(judge_messages(item, self.rubric, *self.scale))
+                if self._http is not None
+                else self._rate_on_engine(judge_messages(item, self.rubric, *self.scale), item)
+                for item in items
+            )
         )
         scores = []
         for position, top in enumerate(alternatives):
@@ -136,12 +145,19 @@ class JudgeReward(BackendReward):
             scores.append(score)
         return scores
 
-    async def _rate_on_engine(self, messages: list[dict[str, str]]) -> list[tuple[str, float]]:
+    async def _rate_on_engine(
+        self, messages: list[dict[str, str]], item: ScoringItem
+    ) -> list[tuple[str, float]]:
         from ttalign.engine.base import SamplingSettings
 
         prompt = await self.engine.render_chat(messages, continue_final_message=True)
         sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS)
+        # The requesting task's budget may refuse the call; what it costs counts there.
+        if item.meter is not None:
+            item.meter.before(len(prompt), sampling.max_tokens)
         generation = await self.engine.generate(prompt, sampling)
+        if item.meter is not None:
+            item.meter.after(generation)
         logprobs = generation.completions[0].logprobs
         if not logprobs:
             raise RewardClientError(self.name, "the engine returned no log-probabilities")

@@ -22,7 +22,7 @@ from ttalign.engine.base import EngineUnavailableError
 from ttalign.reward_clients.base import RewardClientError, RewardTimeout, RewardUnavailable
 from ttalign.reward_clients.registry import UnknownRewardError
 from ttalign.reward_clients.rules import InvalidConstraintsError
-from ttalign.strategies.errors import InvalidStrategyRequest
+from ttalign.strategies.errors import BudgetExhausted, InvalidStrategyRequest
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,14 @@ def to_api_error(exc: BaseException) -> APIError:
         return InvalidRequestError(str(exc), param=exc.param, code="invalid_constraints")
     if isinstance(exc, InvalidStrategyRequest):
         return InvalidRequestError(str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, BudgetExhausted):
+        # A step no strategy could stop short of (scoring the candidates it already has).
+        return InvalidRequestError(
+            f"The request needs more compute than its budget allows: {exc} "
+            "(--max-request-engine-tokens, --max-request-candidates). Lower n, max_tokens or "
+            "the strategy's size.",
+            code="budget_exceeded",
+        )
     if isinstance(exc, RequestValidationError):
         return validation_error(exc.errors())
     if isinstance(exc, EngineUnavailableError):

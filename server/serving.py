@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ from ttalign.engine.base import (
     SamplingSettings,
     StructuredOutput,
 )
-from ttalign.engine.metering import MeteredEngine
+from ttalign.engine.metering import MeteredEngine, ScoringMeter, metered_scoring
 from ttalign.engine.routing import RequestRouting, request_routing
 from ttalign.engine.timeline import CallTimeline
 from ttalign.reward_clients.registry import RewardRegistry, UnknownRewardError
@@ -76,6 +77,24 @@ class PreparedRequest:
     #: What a remote engine routes the request's calls by (the client's session header,
     #: else the response id).
     affinity_key: str = ""
+
+
+@contextmanager
+def request_scope(prepared: PreparedRequest) -> Iterator[RequestRouting]:
+    """Where one request's strategy runs: its calls routed by its affinity key, and the
+    engine calls of its reward clients (a judge on the serving engine) metered into its
+    usage and admitted by its compute budget."""
+    context = prepared.context
+    usage = context.engine.usage
+
+    def admit(tokens: int) -> None:
+        context.request.budget.admit(usage, candidates=0, tokens=tokens)
+
+    with (
+        request_routing(prepared.affinity_key) as scope,
+        metered_scoring(ScoringMeter(usage, admit)),
+    ):
+        yield scope
 
 
 def load_prompt_overrides(path: Path | None) -> dict[str, str]:
@@ -343,7 +362,7 @@ class ChatCompletionService:
         """Run a non-streaming request to its JSON response."""
         status = 200
         try:
-            with request_routing(prepared.affinity_key) as scope:
+            with request_scope(prepared) as scope:
                 result = await prepared.strategy.run(prepared.context, prepared.config)
                 self._record_overhead(prepared, scope)
             return prepared.header.completion(
@@ -369,7 +388,7 @@ class ChatCompletionService:
         usage_field = {"usage": None} if include_usage else {}
         started_choices: set[int] = set()
         status = 200
-        with request_routing(prepared.affinity_key) as scope:
+        with request_scope(prepared) as scope:
             try:
                 async for event in prepared.strategy.stream(prepared.context, prepared.config):
                     if isinstance(event, ProgressEvent):
@@ -475,6 +494,7 @@ class ChatCompletionService:
             "stopped_early": result.stopped_early or prepared.context.deadline_reached,
             "engine_tokens": usage(engine_usage.prompt_tokens, engine_usage.completion_tokens),
             "reward_calls": reward_usage.calls,
+            "reward_engine_calls": engine_usage.reward_engine_calls,
             "reward_seconds": round(reward_usage.seconds, 4),
         }
         for key, value in result.metadata.items():

@@ -10,6 +10,8 @@ Error tree::
 
 from __future__ import annotations
 
+from ttalign.engine.base import CallNotAdmitted
+
 
 class StrategyError(Exception):
     """Base of the errors strategies raise."""
@@ -24,8 +26,12 @@ class InvalidStrategyRequest(StrategyError, ValueError):
         self.code = code
 
 
-class BudgetExhausted(StrategyError):
-    """A step was refused because it could exceed the request's compute budget."""
+class BudgetExhausted(StrategyError, CallNotAdmitted):
+    """A step was refused because it could exceed the request's compute budget.
+
+    Also raised from inside reward clients whose engine calls the budget refuses (a judge on
+    the serving engine), which pass it on unchanged.
+    """
 
 
 class DeadlineReached(StrategyError):
