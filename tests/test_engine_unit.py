@@ -84,8 +84,12 @@ class StubLLM:
         self.errored = False
         self.model_config = SimpleNamespace(
             max_model_len=2048,
+            dtype="torch.float32",
             get_diff_sampling_param=lambda: dict(defaults or {}),
             try_get_generation_config=lambda: {"eos_token_id": [2, 5]},
+        )
+        self.vllm_config = SimpleNamespace(
+            cache_config=SimpleNamespace(enable_prefix_caching=True)
         )
 
     def get_tokenizer(self) -> Any:
@@ -104,10 +108,28 @@ class StubLLM:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
+    async def check_health(self) -> None:
+        return None
+
+    def get_num_unfinished_requests(self) -> int:
+        return 0
+
 
 def stub_engine(script: list[Any] | Exception, **kwargs: Any) -> tuple[VllmEngine, StubLLM]:
     llm = StubLLM(script, **kwargs)
     return VllmEngine(llm, "stub-model"), llm
+
+
+# --- what /health reports ----------------------------------------------------------------------
+
+
+@needs_vllm
+async def test_health_reports_the_dtype_and_reproducibility_mode() -> None:
+    llm = StubLLM([])
+    health = await VllmEngine(llm, "stub-model", deterministic=True).health()
+    assert health.extra["dtype"] == "float32"  # "torch.float32", as vLLM's config holds it
+    assert health.extra["deterministic"] is True
+    assert health.extra["prefix_caching"] is True  # read from vLLM's config, not assumed
 
 
 # --- greedy n > 1 -----------------------------------------------------------------------------
