@@ -88,9 +88,7 @@ class StubLLM:
             get_diff_sampling_param=lambda: dict(defaults or {}),
             try_get_generation_config=lambda: {"eos_token_id": [2, 5]},
         )
-        self.vllm_config = SimpleNamespace(
-            cache_config=SimpleNamespace(enable_prefix_caching=True)
-        )
+        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=True))
 
     def get_tokenizer(self) -> Any:
         return SimpleNamespace(encode=lambda text: [1, 2, 3], eos_token_id=2)
