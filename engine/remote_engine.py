@@ -44,6 +44,7 @@ from ttalign.engine.local_tokenizer import (
     load_chat_template,
 )
 from ttalign.engine.replicas import (
+    ERROR_BODY_CHARS,
     Replica,
     ReplicaFailure,
     ReplicaPool,
@@ -60,8 +61,6 @@ logger = logging.getLogger(__name__)
 
 #: Text whose token ids are compared with the fleet's at start (words, digits, unicode).
 TOKENIZER_PROBE = "Hello, world! Tokenizers differ on 12345 and on naïve café emoji 🙂."
-#: How much of an upstream error body goes into a message.
-ERROR_BODY_CHARS = 300
 #: vLLM's prefix for log-probability tokens sent as ids (``return_tokens_as_token_ids``).
 TOKEN_ID_PREFIX = "token_id:"
 

@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Routing = Literal["consistent_hash", "round_robin"]
 
+#: How much of an upstream error body goes into a message (engine and reward clients alike).
+ERROR_BODY_CHARS = 300
 #: Seconds to wait for a health route's answer. Not tied to the check interval: a loaded
 #: vLLM server on few cores can take seconds to answer while it serves normally.
 HEALTH_TIMEOUT_SECONDS = 5.0
@@ -220,6 +222,8 @@ class ReplicaPool:
         if self.routing == "round_robin" or key is None:
             return candidates[next(self._turn) % len(candidates)]
         routing = current_routing()
+        if routing is not None and routing.closed:
+            routing = None  # its request has ended: route by key, pin nothing
         pinned = routing.pins.get(self.name) if routing is not None else None
         if pinned is not None and pinned in candidates and (pinned.healthy or not healthy):
             return pinned

@@ -31,6 +31,9 @@ class RequestRouting:
     #: Seconds during which at least one upstream call of this request was in flight.
     upstream_seconds: float = 0.0
     _on_exit: list[Callable[[], None]] = field(default_factory=list)
+    #: The scope has closed: its pins are released, and no new pin may be taken in it (a
+    #: call still running in a copy of its context must not pin a replica for ever).
+    closed: bool = False
 
     def on_exit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when the request's scope closes (e.g. to release a pin)."""
@@ -73,6 +76,7 @@ def request_routing(key: str) -> Iterator[RequestRouting]:
     try:
         yield routing
     finally:
+        routing.closed = True
         for callback in routing._on_exit:
             callback()
         # A stream finalized from another context cannot reset the variable there.

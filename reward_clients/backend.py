@@ -63,6 +63,15 @@ class BackendSettings(BaseModel):
     )
     max_batch_size: int = Field(64, ge=1, description="Most candidates per backend call.")
 
+    def attempts(self) -> int:
+        """How many times one call may reach the backend: the first try and its retries."""
+        return self.max_retries + 1
+
+    def call_seconds(self) -> float:
+        """The longest one call may take: every attempt's timeout and every backoff wait."""
+        waits = sum(self.backoff_seconds * 2**k for k in range(self.max_retries))
+        return self.attempts() * self.timeout_seconds + waits
+
 
 @dataclass(frozen=True)
 class ScoringItem:
@@ -106,7 +115,18 @@ class RewardMetrics:
 
 
 class BackendReward(ABC):
-    """A :class:`~reward_clients.base.RewardClient` over a batched, fallible backend."""
+    """A :class:`~reward_clients.base.RewardClient` over a batched, fallible backend.
+
+    One owner applies the retry policy of a call (``max_retries`` retries, ``timeout_seconds``
+    per attempt, ``backoff_seconds`` doubling). By default that is this base: it repeats a
+    call whose :meth:`score_items` raised :class:`TransientBackendError` or timed out. A
+    client whose transport spreads the attempts over replicas itself sets
+    :attr:`transport_retries`; then this base makes one attempt, bounded only by the whole
+    policy's time (:meth:`BackendSettings.call_seconds`), and never repeats it.
+    """
+
+    #: The transport applies the retry policy (over a replica pool); see the class doc.
+    transport_retries: bool = False
 
     def __init__(
         self, name: str, settings: BackendSettings | None = None, metrics: Any | None = None
@@ -148,14 +168,17 @@ class BackendReward(ABC):
 
     async def _score_with_retries(self, items: list[ScoringItem], started: float) -> list[float]:
         s = self.settings
+        retries, timeout = (
+            (0, s.call_seconds()) if self.transport_retries else (s.max_retries, s.timeout_seconds)
+        )
         attempt = 0
         while True:
             try:
-                raw = await asyncio.wait_for(self.score_items(items), s.timeout_seconds)
+                raw = await asyncio.wait_for(self.score_items(items), timeout)
                 scores = self._checked(raw, len(items))
             except (TransientBackendError, TimeoutError) as exc:
                 kind = exc.kind if isinstance(exc, TransientBackendError) else "timeout"
-                if attempt < s.max_retries:
+                if attempt < retries:
                     await asyncio.sleep(s.backoff_seconds * 2**attempt)
                     attempt += 1
                     continue

@@ -5,6 +5,9 @@ within ``window_seconds`` of the first pending one are flushed together, split i
 of at most ``max_batch_size`` that run concurrently, each as its own task. A flush also
 starts as soon as ``max_batch_size`` items are pending.
 
+A chunk of one caller's items runs in that caller's context (its request's routing scope);
+a chunk shared by several callers runs outside every request's scope.
+
 A caller gets its results once every chunk holding its items is done; a failed chunk fails
 only the callers with items in it. Work nobody waits for is not done: a caller cancelled
 before the flush is left out of it, and a chunk is cancelled as soon as every caller with
@@ -15,6 +18,7 @@ judge calls on the engine included). A chunk shared with a caller still waiting 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +34,8 @@ class _Caller(Generic[T, R]):
 
     items: Sequence[T]
     future: asyncio.Future[list[R]]
+    #: The context the caller submitted from (its request's routing scope).
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
     results: list[R | None] = field(init=False)
     missing: int = field(init=False)
     chunks: list[_Chunk[T, R]] = field(default_factory=list)
@@ -104,12 +110,22 @@ class MicroBatcher(Generic[T, R]):
             self._timer = None
         callers = [c for c in self._pending if not c.future.done()]
         self._pending, self._pending_items = [], 0
+        loop = asyncio.get_running_loop()
         for chunk in self._chunks(callers):
-            chunk.task = asyncio.ensure_future(self._execute(chunk))
+            chunk.task = loop.create_task(self._execute(chunk), context=self._context_of(chunk))
             self._tasks.add(chunk.task)
             chunk.task.add_done_callback(self._tasks.discard)
         for caller in callers:
             caller.future.add_done_callback(functools.partial(self._cancel_abandoned, caller))
+
+    @staticmethod
+    def _context_of(chunk: _Chunk[T, R]) -> contextvars.Context:
+        """A chunk of one caller's items runs in that caller's context (its request's
+        routing); a chunk shared by several runs in none of theirs. Never the context the
+        flush happens to run in: a timer keeps the context of whoever started the window,
+        who may have left since."""
+        callers = chunk.callers()
+        return callers[0].context.copy() if len(callers) == 1 else contextvars.Context()
 
     def _chunks(self, callers: list[_Caller[T, R]]) -> list[_Chunk[T, R]]:
         chunks: list[_Chunk[T, R]] = []

@@ -11,7 +11,6 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
         url: http://127.0.0.1:8001  # or urls: [...] (replicas balanced, retried and
                                     # health-checked like the remote engine's)
         health_check_interval: 5    # with urls: seconds between /health checks
-        replica_retries: 2          # with urls: other replicas a failed call is tried on
         model: Skywork/Skywork-Reward-V2-Llama-3.1-8B   # optional, sent as "model"
         tokenizer: /models/skywork  # optional: render locally and batch as token ids;
                                     # unset: one /classify "messages" request per candidate
@@ -87,9 +86,16 @@ class VllmPoolingConfig(BackendSettings):
     health_check_interval: float = Field(
         5.0, gt=0, description="Seconds between checks of each replica's /health."
     )
-    replica_retries: int = Field(
-        2, ge=0, description="How many other replicas a failed call is tried on."
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_replica_retries(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "replica_retries" in data:
+            raise ValueError(
+                "replica_retries is gone: max_retries (default 2) now bounds every attempt of "
+                "a call, each on another replica where one is left; set that instead"
+            )
+        return data
 
     @model_validator(mode="after")
     def _one_way_to_the_servers(self) -> VllmPoolingConfig:
@@ -269,7 +275,7 @@ class _Builder:
             return VllmPoolingReward(
                 name, urls=spec.replica_urls(), model=spec.model, tokenizer=spec.tokenizer,
                 label_index=spec.label_index, health_check_interval=spec.health_check_interval,
-                replica_retries=spec.replica_retries, settings=backend, metrics=m,
+                settings=backend, metrics=m,
             )  # fmt: skip
         if isinstance(spec, TeiConfig):
             return TeiReward(

@@ -1,24 +1,28 @@
 """JSON-over-HTTP helpers for the HTTP reward backends, mapping failures for retries.
 
-:class:`JsonHttp` talks to one base URL. Timeouts, refused connections and
-429/502/503/504 answers become :class:`~reward_clients.backend.TransientBackendError`
-(retried by the backend base); any other error status becomes
-:class:`~reward_clients.base.RewardClientError` at once.
+Both retry on the same answers (:func:`~engine.replicas.is_retryable_status`: a 429 or a
+5xx) and on timeouts and refused connections; any other error status becomes
+:class:`~reward_clients.base.RewardClientError` at once. Each call has one owner of its
+retry policy:
 
-:class:`ReplicaJsonHttp` talks to a set of replicas through a
-:class:`~engine.replicas.ReplicaPool`: a call that cannot connect, or gets a 429 or a 5xx,
-moves on to another replica (one that refused the connection leaves the rotation until its
-health route answers). Only when the pool runs out of attempts does the call become a
-``TransientBackendError``, so the backend base's own retries and timeout still apply on
-top. Any other error status is a ``RewardClientError`` at once, as with one URL.
+- :class:`JsonHttp` talks to one base URL and raises
+  :class:`~reward_clients.backend.TransientBackendError`, which the backend base retries.
+- :class:`ReplicaJsonHttp` talks to a set of replicas through a
+  :class:`~engine.replicas.ReplicaPool`, which owns the policy: each attempt, bounded by its
+  own timeout, goes to another replica where one is left (one that refused the connection
+  leaves the rotation until its health route answers). When the pool runs out of attempts,
+  the call fails for good (:class:`~reward_clients.base.RewardUnavailable`): nothing retries
+  it again on top.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 from ttalign.engine.replicas import (
+    ERROR_BODY_CHARS,
     Replica,
     ReplicaFailure,
     ReplicaPool,
@@ -27,12 +31,7 @@ from ttalign.engine.replicas import (
     transport_failure,
 )
 from ttalign.reward_clients.backend import TransientBackendError
-from ttalign.reward_clients.base import RewardClientError
-
-#: Statuses that mean "busy or restarting", which a retry may get past.
-RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
-#: How much of an error body goes into the message.
-ERROR_BODY_CHARS = 300
+from ttalign.reward_clients.base import RewardClientError, RewardUnavailable
 
 
 class JsonHttp:
@@ -57,7 +56,7 @@ class JsonHttp:
             raise TransientBackendError(
                 "unavailable", f"{url}: {exc or type(exc).__name__}"
             ) from exc
-        if response.status_code in RETRYABLE_STATUSES:
+        if is_retryable_status(response.status_code):
             raise TransientBackendError("unavailable", f"{url} answered {response.status_code}")
         return _decoded(self.client, url, response)
 
@@ -73,11 +72,13 @@ class ReplicaJsonHttp:
         client: str,
         pool: ReplicaPool,
         *,
+        attempt_timeout: float | None = None,
         connect_timeout: float | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         self.client = client
         self.pool = pool
+        self._attempt_timeout = attempt_timeout
         # The backend base bounds the whole call. A connect timeout of its own lets a call
         # to an unreachable replica move on to another one within that bound.
         timeout = httpx.Timeout(None, connect=connect_timeout)
@@ -89,9 +90,13 @@ class ReplicaJsonHttp:
         async def attempt(replica: Replica, headers: dict[str, str]) -> Any:
             url = f"{replica.url}{path}"
             try:
-                response = await self._http.post(url, json=payload, headers=headers)
+                response = await asyncio.wait_for(
+                    self._http.post(url, json=payload, headers=headers), self._attempt_timeout
+                )
             except httpx.HTTPError as exc:
                 raise transport_failure(replica.url, exc) from exc
+            except TimeoutError:
+                raise ReplicaFailure(f"{url}: no answer within {self._attempt_timeout} s") from None
             if is_retryable_status(response.status_code):
                 body = response.text[:ERROR_BODY_CHARS]
                 raise ReplicaFailure(f"{url} answered {response.status_code}: {body}")
@@ -100,7 +105,7 @@ class ReplicaJsonHttp:
         try:
             return await self.pool.call(attempt)
         except ReplicasExhausted as exc:
-            raise TransientBackendError("unavailable", str(exc)) from None
+            raise RewardUnavailable(self.client, str(exc)) from None
 
     async def close(self) -> None:
         """Close the connections (the pool is its owner's to close)."""

@@ -39,11 +39,14 @@ class VllmPoolingReward(BackendReward):
     """Scores with a sequence-classification reward model behind ``vllm serve --runner pooling``.
 
     Give exactly one of ``url`` (one server, or a router in front of several) and ``urls``
-    (replicas this client balances over itself). ``replica_retries`` bounds how many other
-    replicas one call moves on to (never more than there are); the backend's own
-    ``max_retries`` then repeat the whole call. ``health_check_interval`` is the seconds
+    (replicas this client balances over itself). The pool owns the retry policy: a failed
+    attempt (refused, 429/5xx, or no answer within ``timeout_seconds``) is retried up to
+    ``max_retries`` times after ``backoff_seconds`` (doubling), on another replica when one
+    is left untried, and nothing repeats the call on top. ``health_check_interval`` is the seconds
     between checks of every replica's ``/health``. :attr:`pool` holds the replicas' state.
     """
+
+    transport_retries = True
 
     def __init__(
         self,
@@ -55,7 +58,6 @@ class VllmPoolingReward(BackendReward):
         tokenizer: str | None = None,
         label_index: int = 0,
         health_check_interval: float = 5.0,
-        replica_retries: int = 2,
         settings: BackendSettings | None = None,
         metrics: Any = None,
     ) -> None:
@@ -69,12 +71,17 @@ class VllmPoolingReward(BackendReward):
         self.pool = ReplicaPool(
             f"reward:{name}",
             replicas,
-            retries=min(replica_retries, len(replicas) - 1),
+            retries=self.settings.max_retries,
             backoff_seconds=self.settings.backoff_seconds,
             health_interval=health_check_interval,
         )
         connect_timeout = CONNECT_TIMEOUT_SECONDS if len(replicas) > 1 else None
-        self._http = ReplicaJsonHttp(name, self.pool, connect_timeout=connect_timeout)
+        self._http = ReplicaJsonHttp(
+            name,
+            self.pool,
+            attempt_timeout=self.settings.timeout_seconds,
+            connect_timeout=connect_timeout,
+        )
 
     async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
         if self._tokenizer_path is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -49,6 +50,8 @@ class FakePooling:
     def __init__(self) -> None:
         self.classify_status = 200
         self.health_status = 200
+        #: Seconds each /classify call waits before answering.
+        self.delay = 0.0
         self.served = 0
         self.turned_away = 0
         self.sessions: list[str | None] = []
@@ -58,6 +61,8 @@ class FakePooling:
 
     async def _classify(self, request: Request) -> JSONResponse:
         self.sessions.append(request.headers.get("x-session-id"))
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.classify_status != 200:
             self.turned_away += 1
             return JSONResponse({"error": "scripted"}, status_code=self.classify_status)
@@ -143,6 +148,27 @@ async def test_every_call_of_one_request_reaches_one_replica(fleet) -> None:
     assert [s["active_requests"] for s in client.pool.snapshot()] == [0, 0]
 
 
+async def test_a_caller_leaving_inside_the_batch_window_leaves_no_pin_behind(fleet) -> None:
+    _, running, _ = fleet
+    windowed = BackendSettings(timeout_seconds=10, max_retries=0, batch_window_ms=200)
+    client = VllmPoolingReward("rm", urls=urls_of(running), settings=windowed)
+
+    async def leaving() -> None:
+        with request_routing("leaves"):
+            await client.score(CHAT, ["abc"])
+
+    try:
+        first = asyncio.ensure_future(leaving())  # opens the window, in its request's scope
+        await asyncio.sleep(0.05)
+        first.cancel()  # the client disconnects: its scope closes before the flush
+        await asyncio.gather(first, return_exceptions=True)
+        with request_routing("stays"):
+            assert await client.score(CHAT, ["ab"]) == [2.0]  # flushed by the first's timer
+        assert [s["active_requests"] for s in client.pool.snapshot()] == [0, 0]
+    finally:
+        await client.close()
+
+
 async def test_token_id_batches_go_through_the_pool(fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     class Tokenizer:
         def apply_chat_template(self, messages: list[dict[str, str]], **options: Any) -> Any:
@@ -226,9 +252,12 @@ async def test_all_replicas_down_raises_the_backend_error(fleet, how: str) -> No
     finally:
         await client.close()
     assert "reward:rm" in str(raised.value)
+    attempts = FAST.max_retries + 1
+    assert f"after {attempts} attempts" in str(raised.value)
     states = client.pool.snapshot()
-    # The backend's two tries, each moving on to the other replica once.
-    assert sum(s["errors"] for s in states) == 2 * 2
+    # One owner of the policy: the pool's attempts, alternating replicas, and no more.
+    assert sum(s["errors"] for s in states) == attempts
+    assert sorted(s["errors"] for s in states) == [attempts // 2, attempts - attempts // 2]
     assert all(s["healthy"] == (how == "503") for s in states)
 
 
@@ -296,7 +325,7 @@ async def test_the_registry_builds_pools_and_lists_them(tmp_path: Path) -> None:
             "type": "vllm_pooling",
             "urls": ["http://a:1", "http://b:1/"],
             "health_check_interval": 2.5,
-            "replica_retries": 5,
+            "max_retries": 5,
             "backoff_seconds": 0.05,
         },
         "single": {"type": "vllm_pooling", "url": "http://c:1"},
@@ -311,11 +340,35 @@ async def test_the_registry_builds_pools_and_lists_them(tmp_path: Path) -> None:
         assert [r.url for r in fleet_pool.replicas] == ["http://a:1", "http://b:1"]
         assert fleet_pool.health_interval == 2.5
         assert fleet_pool.backoff_seconds == 0.05
-        # Never more moves than there are other replicas; one URL has none.
-        assert fleet_pool.retries == 1 and single_pool.retries == 0
+        # The pool owns the retry policy, one URL or several.
+        assert fleet_pool.retries == 5 and single_pool.retries == 2
         assert registry.get("fleet").pool is fleet_pool  # type: ignore[attr-defined]
     finally:
         await registry.close()
+
+
+def test_the_retired_replica_retries_setting_is_refused_with_its_replacement(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "rewards.json"
+    clients = {"rm": {"type": "vllm_pooling", "url": "http://a:1", "replica_retries": 1}}
+    path.write_text(json.dumps({"clients": clients}))
+    with pytest.raises(RewardConfigError, match="replica_retries is gone: max_retries"):
+        load_reward_registry(path, None)
+
+
+async def test_a_replica_that_never_answers_costs_one_attempt_timeout(fleet) -> None:
+    fakes, running, _ = fleet
+    fakes[0].delay = 3  # accepts the call, answers long after the attempt's timeout
+    settings = BackendSettings(timeout_seconds=0.5, max_retries=1, backoff_seconds=0.0)
+    client = VllmPoolingReward("rm", urls=urls_of(running), settings=settings)
+    try:
+        started = time.monotonic()
+        for _ in range(2):  # whichever replica a call starts on, it ends on the other
+            assert await client.score(CHAT, ["ab"]) == [2.0]
+        assert time.monotonic() - started < 2 * 0.5 + 1.0
+    finally:
+        await client.close()
 
 
 # --- the real pooling server -------------------------------------------------------------
