@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -174,4 +174,6 @@ def metered_scoring(meter: ScoringMeter | None) -> Iterator[None]:
     try:
         yield
     finally:
-        _SCORING_METER.reset(token)
+        # A stream finalized from another context cannot reset the variable there.
+        with suppress(ValueError):
+            _SCORING_METER.reset(token)

@@ -97,3 +97,17 @@ def test_a_judge_heavy_request_hits_its_budget_through_the_api() -> None:
         judged = sum(len(c.prompt.split()) for c in engine.calls[1:])
         sampled = len(engine.calls[0].prompt.split())
         assert alignment["engine_tokens"]["prompt_tokens"] == sampled + judged
+
+
+async def test_a_scope_closed_from_another_context_does_not_raise() -> None:
+    # As when a client's stream is finalized by another task: the reset cannot happen there.
+    async def enter_here_exit_elsewhere() -> None:
+        scope = metered_scoring(ScoringMeter(EngineUsage()))
+        scope.__enter__()
+        await asyncio.get_running_loop().create_task(_exit_elsewhere(scope))
+
+    await asyncio.create_task(enter_here_exit_elsewhere())  # its own copy of the context
+
+
+async def _exit_elsewhere(scope) -> None:
+    scope.__exit__(None, None, None)
