@@ -1,7 +1,7 @@
 """Reproducibility on the real engine: ``--deterministic`` keeps its promise, on both dtypes.
 
 A seeded best-of-8 request under the judge is sent ten times, five alone and five beside
-other traffic (plain requests and other searches sharing the engine's batches), and must
+other traffic (plain sampled requests sharing the engine's batches), and must
 return the same text and the same rewards each time. It runs once with ``--dtype auto``
 (float32 in deterministic mode) and once with bfloat16 forced, which is native on CPUs
 with AVX512-BF16 and emulated (slower) elsewhere; on CPUs with AMX, deterministic bfloat16
@@ -24,11 +24,13 @@ from tests.conftest import real_engine_settings
 from tests.determinism import cpu_has_amx
 from tests.servers import RunningServer, serve_in_thread, wait_until_sync
 
+pytestmark = pytest.mark.real_engine
+
 MODEL = "smollm2"
 QUESTION = [{"role": "user", "content": "Give one tip for staying focused while studying."}]
 #: Other users' work, sent while the probed request runs.
 TRAFFIC = [
-    [{"role": "user", "content": f"Write a short poem about the number {i}."}] for i in range(3)
+    [{"role": "user", "content": f"Write a short poem about the number {i}."}] for i in range(2)
 ]
 
 
@@ -61,18 +63,18 @@ def best_of_8(client: openai.OpenAI, seed: int, messages=QUESTION):
 
 
 def traffic(client: openai.OpenAI, pool: ThreadPoolExecutor) -> list:
-    plain = [
+    """Plain sampled requests of other prompts, sharing the engine's batches."""
+    return [
         pool.submit(
             client.chat.completions.create,
             model=MODEL,
             messages=messages,
-            max_tokens=40,
+            max_tokens=48,
             n=2,
             temperature=1.0,
         )
-        for messages in TRAFFIC[:2]
+        for messages in TRAFFIC
     ]
-    return [*plain, pool.submit(best_of_8, client, 99, TRAFFIC[2])]
 
 
 def test_seeded_best_of_8_under_the_judge_is_reproducible(
@@ -85,7 +87,7 @@ def test_seeded_best_of_8_under_the_judge_is_reproducible(
     assert health["dtype"] == dtype
     client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0)
     answers = []
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:
         for attempt in range(10):
             others = traffic(client, pool) if attempt % 2 else []
             if others:  # the probed request joins batches the engine is already running
