@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import aclosing, contextmanager, suppress
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from ttalign.engine.base import (
@@ -16,6 +15,7 @@ from ttalign.engine.base import (
     Prompt,
     SamplingSettings,
 )
+from ttalign.engine.routing import current_routing
 from ttalign.engine.timeline import CallTimeline
 
 
@@ -159,21 +159,8 @@ class ScoringMeter:
         self.usage.completion_tokens += generation.completion_tokens
 
 
-_SCORING_METER: ContextVar[ScoringMeter | None] = ContextVar("ttalign_scoring_meter", default=None)
-
-
 def current_scoring_meter() -> ScoringMeter | None:
-    """The meter of the request this task serves (``None`` outside one)."""
-    return _SCORING_METER.get()
-
-
-@contextmanager
-def metered_scoring(meter: ScoringMeter | None) -> Iterator[None]:
-    """Within the block (and tasks started in it), reward calls meter into ``meter``."""
-    token = _SCORING_METER.set(meter)
-    try:
-        yield
-    finally:
-        # A stream finalized from another context cannot reset the variable there.
-        with suppress(ValueError):
-            _SCORING_METER.reset(token)
+    """The meter of the request this task serves (``None`` outside one): the one its
+    routing scope carries."""
+    routing = current_routing()
+    return None if routing is None or routing.closed else routing.scoring_meter

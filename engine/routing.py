@@ -34,6 +34,9 @@ class RequestRouting:
     #: The scope has closed: its pins are released, and no new pin may be taken in it (a
     #: call still running in a copy of its context must not pin a replica for ever).
     closed: bool = False
+    #: Where reward clients meter the engine calls they make for this request (a
+    #: :class:`~ttalign.engine.metering.ScoringMeter`; ``None``: not metered).
+    scoring_meter: Any = None
 
     def on_exit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when the request's scope closes (e.g. to release a pin)."""

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +21,7 @@ from ttalign.engine.base import (
     SamplingSettings,
     StructuredOutput,
 )
-from ttalign.engine.metering import MeteredEngine, ScoringMeter, metered_scoring
+from ttalign.engine.metering import MeteredEngine, ScoringMeter
 from ttalign.engine.routing import RequestRouting, request_routing
 from ttalign.engine.timeline import CallTimeline
 from ttalign.reward_clients.registry import RewardRegistry, UnknownRewardError
@@ -79,22 +78,17 @@ class PreparedRequest:
     affinity_key: str = ""
 
 
-@contextmanager
-def request_scope(prepared: PreparedRequest) -> Iterator[RequestRouting]:
-    """Where one request's strategy runs: its calls routed by its affinity key, and the
-    engine calls of its reward clients (a judge on the serving engine) metered into its
-    usage and admitted by its compute budget."""
+def scoring_meter(prepared: PreparedRequest) -> ScoringMeter:
+    """Meters the engine calls of the request's reward clients (a judge on the serving
+    engine) into its usage, each admitted by its compute budget first. Carried by the
+    request's routing scope, so every task of the request finds it."""
     context = prepared.context
     usage = context.engine.usage
 
     def admit(tokens: int) -> None:
         context.request.budget.admit(usage, candidates=0, tokens=tokens)
 
-    with (
-        request_routing(prepared.affinity_key) as scope,
-        metered_scoring(ScoringMeter(usage, admit)),
-    ):
-        yield scope
+    return ScoringMeter(usage, admit)
 
 
 def load_prompt_overrides(path: Path | None) -> dict[str, str]:
@@ -362,7 +356,8 @@ class ChatCompletionService:
         """Run a non-streaming request to its JSON response."""
         status = 200
         try:
-            with request_scope(prepared) as scope:
+            with request_routing(prepared.affinity_key) as scope:
+                scope.scoring_meter = scoring_meter(prepared)
                 result = await prepared.strategy.run(prepared.context, prepared.config)
                 self._record_overhead(prepared, scope)
             return prepared.header.completion(
@@ -388,7 +383,8 @@ class ChatCompletionService:
         usage_field = {"usage": None} if include_usage else {}
         started_choices: set[int] = set()
         status = 200
-        with request_scope(prepared) as scope:
+        with request_routing(prepared.affinity_key) as scope:
+            scope.scoring_meter = scoring_meter(prepared)
             try:
                 async for event in prepared.strategy.stream(prepared.context, prepared.config):
                     if isinstance(event, ProgressEvent):

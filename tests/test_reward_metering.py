@@ -7,7 +7,8 @@ import asyncio
 
 import openai
 import pytest
-from ttalign.engine.metering import EngineUsage, ScoringMeter, metered_scoring
+from ttalign.engine.metering import EngineUsage, ScoringMeter
+from ttalign.engine.routing import request_routing
 from ttalign.reward_clients.backend import BackendSettings
 from ttalign.reward_clients.judge import JudgeReward
 from ttalign.server.app import create_app
@@ -38,7 +39,8 @@ async def test_judge_calls_count_in_the_usage_of_the_request_they_score_for() ->
     mine, theirs = EngineUsage(), EngineUsage()
 
     async def score_for(usage: EngineUsage, candidates: list[str]) -> list[float]:
-        with metered_scoring(ScoringMeter(usage)):
+        with request_routing("r") as scope:
+            scope.scoring_meter = ScoringMeter(usage)
             return await judge.score(CHAT, candidates)
 
     scores = await asyncio.gather(score_for(mine, ["a", "b", "c"]), score_for(theirs, ["d"]))
@@ -60,7 +62,8 @@ async def test_a_budget_refusal_inside_the_judge_reaches_the_caller_before_the_e
     usage = EngineUsage(engine_calls=1, prompt_tokens=95)
     budget = ComputeBudget(max_engine_tokens=100)
     meter = ScoringMeter(usage, lambda tokens: budget.admit(usage, candidates=0, tokens=tokens))
-    with metered_scoring(meter), pytest.raises(BudgetExhausted, match="budget of 100"):
+    with request_routing("r") as scope, pytest.raises(BudgetExhausted, match="budget of 100"):
+        scope.scoring_meter = meter
         await judge.score(CHAT, ["a", "b"])
     assert engine.calls == []
     await judge.close()
@@ -97,17 +100,3 @@ def test_a_judge_heavy_request_hits_its_budget_through_the_api() -> None:
         judged = sum(len(c.prompt.split()) for c in engine.calls[1:])
         sampled = len(engine.calls[0].prompt.split())
         assert alignment["engine_tokens"]["prompt_tokens"] == sampled + judged
-
-
-async def test_a_scope_closed_from_another_context_does_not_raise() -> None:
-    # As when a client's stream is finalized by another task: the reset cannot happen there.
-    async def enter_here_exit_elsewhere() -> None:
-        scope = metered_scoring(ScoringMeter(EngineUsage()))
-        scope.__enter__()
-        await asyncio.get_running_loop().create_task(_exit_elsewhere(scope))
-
-    await asyncio.create_task(enter_here_exit_elsewhere())  # its own copy of the context
-
-
-async def _exit_elsewhere(scope) -> None:
-    scope.__exit__(None, None, None)
