@@ -77,5 +77,15 @@ class VllmReplica:
         return metric_sum(httpx.get(f"{self.url}/metrics", timeout=10).text, name)
 
     def finished_requests(self) -> float:
-        """Requests this replica finished, by its own counter."""
-        return self.metric("vllm:request_success_total")
+        """Requests this replica generated to their end (a stop or the length limit).
+
+        Aborted requests are left out: vLLM counts an abort under the same counter, and an
+        earlier test's aborted call may be counted only when the next traffic arrives.
+        """
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("vllm:request_success_total{")
+            and any(f'finished_reason="{reason}"' in line for reason in ("stop", "length"))
+        )

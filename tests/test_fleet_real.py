@@ -125,24 +125,25 @@ def gateway_view(server: RunningServer, field: str) -> list[Any]:
     return [r[field] for r in body["engine"]["replicas"]]
 
 
-def wait_until_running_on_both(
-    server: RunningServer, watched: VllmReplica, running: list[Future]
-) -> None:
-    """Wait until the gateway has requests in flight on both replicas, and ``watched``
-    (by its own gauge) is generating."""
-    wait_for(
-        lambda: (
-            min(gateway_view(server, "active_requests")) > 0
-            and watched.metric("vllm:num_requests_running") > 0
-        ),
-        60,
-        "requests in flight on both replicas and running on the watched one",
-        lambda: (
-            f"gateway load {gateway_view(server, 'active_requests')}, running"
-            f" {watched.metric('vllm:num_requests_running')}, done"
-            f" {[f.done() for f in running]}"
-        ),
-    )
+def start_requests_running_on(
+    client: openai.OpenAI, watched: VllmReplica, pool: ThreadPoolExecutor
+) -> list[Future]:
+    """Send batches of eight long requests until ``watched`` is seen generating one.
+
+    Whether a poll catches a replica mid-generation depends on the CPU: a fast one (bf16 on
+    AMX) can finish a batch between two polls of a loaded replica's ``/metrics``. A batch
+    that ends unseen is followed by one twice as long, so the wait adapts to the machine.
+    """
+    max_tokens = 320
+    for attempt in range(4):
+        running = [pool.submit(ask, client, 1000 * attempt + i, max_tokens) for i in range(8)]
+        while not all(f.done() for f in running):
+            if watched.metric("vllm:num_requests_running") > 0:
+                return running
+            time.sleep(0.1)
+        assert [f.result() for f in running] == [200] * 8
+        max_tokens *= 2
+    pytest.fail(f"four batches of requests ended before {watched.url} was seen generating")
 
 
 def test_killed_replica_fails_over_and_rejoins_after_restart(
@@ -154,8 +155,7 @@ def test_killed_replica_fails_over_and_rejoins_after_restart(
         retried_before = gateway_view(server, "retries")[0]
         survivor_before = survivor.finished_requests()
         with ThreadPoolExecutor(16) as pool:
-            running = [pool.submit(ask, client, i) for i in range(8)]
-            wait_until_running_on_both(server, victim, running)
+            running = start_requests_running_on(client, victim, pool)
             victim.kill()
             after = [pool.submit(ask, client, 100 + i, 8) for i in range(8)]
             assert [f.result() for f in running] == [200] * 8
