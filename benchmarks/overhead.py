@@ -2,7 +2,9 @@
 
 Both servers run the same model with the same engine settings. ``vllm bench serve`` loads
 each in turn with the same random prompts and concurrency, alternating A/B for several
-rounds so drift on a shared machine hits both alike. Reports per-round and median ratios.
+rounds so drift on a shared machine hits both alike, once per backend: ``openai-chat``
+(``/v1/chat/completions``) and ``openai``, its default (``/v1/completions``). Reports
+per-round and median ratios per backend.
 
     python -m ttalign.benchmarks.overhead --concurrency 8 --rounds 3
 """
@@ -29,10 +31,17 @@ from ttalign.server.model_prep import prepare_embedded_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 MODEL_NAME = "smollm2"
+#: ``vllm bench serve`` backends and the route each one loads.
+BACKENDS = {"openai-chat": "/v1/chat/completions", "openai": "/v1/completions"}
 
 
 def bench_serve(
-    base_url: str, tokenizer: str, args: argparse.Namespace, out: Path, extra_body: dict | None
+    base_url: str,
+    tokenizer: str,
+    args: argparse.Namespace,
+    out: Path,
+    extra_body: dict | None,
+    backend: str = "openai-chat",
 ) -> dict[str, Any]:
     command = [
         sys.executable,
@@ -41,11 +50,11 @@ def bench_serve(
         "bench",
         "serve",
         "--backend",
-        "openai-chat",
+        backend,
         "--base-url",
         base_url,
         "--endpoint",
-        "/v1/chat/completions",
+        BACKENDS[backend],
         "--model",
         MODEL_NAME,
         "--tokenizer",
@@ -105,6 +114,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backends", nargs="+", choices=sorted(BACKENDS), default=list(BACKENDS))
     parser.add_argument(
         "--eager",
         action="store_true",
@@ -130,19 +140,9 @@ def main() -> None:
         ) as ttalign_url,
     ):
         for i in range(args.rounds):
-            order = [("vllm", vllm_url, None), ("ttalign", ttalign_url, {"strategy": "none"})]
-            if i % 2:
-                order.reverse()
             result: dict[str, Any] = {}
-            for label, url, extra in order:
-                raw = bench_serve(url, model, args, logs / f"{label}-{i}.json", extra)
-                result[label] = summarize(raw)
-            result["throughput_ratio"] = (
-                result["ttalign"]["output_throughput"] / result["vllm"]["output_throughput"]
-            )
-            result["median_ttft_overhead_ms"] = (
-                result["ttalign"]["median_ttft_ms"] - result["vllm"]["median_ttft_ms"]
-            )
+            for backend in args.backends:
+                result[backend] = _round(i, backend, vllm_url, ttalign_url, model, args, logs)
             rounds.append(result)
             print(json.dumps(result, indent=2), flush=True)
 
@@ -160,13 +160,49 @@ def main() -> None:
             "kv_cache_memory_bytes": KV_CACHE_BYTES,
         },
         "rounds": rounds,
-        "median_throughput_ratio": statistics.median(r["throughput_ratio"] for r in rounds),
-        "median_ttft_overhead_ms": statistics.median(r["median_ttft_overhead_ms"] for r in rounds),
+        "backends": {
+            backend: {
+                "endpoint": BACKENDS[backend],
+                "median_throughput_ratio": statistics.median(
+                    r[backend]["throughput_ratio"] for r in rounds
+                ),
+                "median_ttft_overhead_ms": statistics.median(
+                    r[backend]["median_ttft_overhead_ms"] for r in rounds
+                ),
+            }
+            for backend in args.backends
+        },
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     args.output.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
+
+
+def _round(
+    number: int,
+    backend: str,
+    vllm_url: str,
+    ttalign_url: str,
+    model: str,
+    args: argparse.Namespace,
+    logs: Path,
+) -> dict[str, Any]:
+    """One A/B round on ``backend``; the order alternates between rounds."""
+    order = [("vllm", vllm_url, None), ("ttalign", ttalign_url, {"strategy": "none"})]
+    if number % 2:
+        order.reverse()
+    result: dict[str, Any] = {}
+    for label, url, extra in order:
+        out = logs / f"{label}-{backend}-{number}.json"
+        result[label] = summarize(bench_serve(url, model, args, out, extra, backend))
+    result["throughput_ratio"] = (
+        result["ttalign"]["output_throughput"] / result["vllm"]["output_throughput"]
+    )
+    result["median_ttft_overhead_ms"] = (
+        result["ttalign"]["median_ttft_ms"] - result["vllm"]["median_ttft_ms"]
+    )
+    return result
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -175,26 +211,32 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"Settings: {report['settings']}",
-        "",
-        "| round | vLLM out tok/s | ttalign out tok/s | ratio | vLLM median TTFT ms "
-        "| ttalign median TTFT ms | TTFT overhead ms |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for i, r in enumerate(report["rounds"]):
-        lines.append(
-            f"| {i} | {r['vllm']['output_throughput']:.1f} | "
-            f"{r['ttalign']['output_throughput']:.1f} | {r['throughput_ratio']:.3f} | "
-            f"{r['vllm']['median_ttft_ms']:.1f} | {r['ttalign']['median_ttft_ms']:.1f} | "
-            f"{r['median_ttft_overhead_ms']:+.1f} |"
-        )
-    lines += [
-        "",
-        f"**Median throughput ratio (ttalign / vLLM): {report['median_throughput_ratio']:.3f}** "
-        "(goal ≥ 0.95)  ",
-        f"**Median TTFT overhead: {report['median_ttft_overhead_ms']:+.1f} ms** (goal ≤ 15 ms)",
-        "",
-    ]
-    return "\n".join(lines)
+    for backend, summary in report["backends"].items():
+        lines += [
+            "",
+            f"## `vllm bench serve --backend {backend}` (`{summary['endpoint']}`)",
+            "",
+            "| round | vLLM out tok/s | ttalign out tok/s | ratio | vLLM median TTFT ms "
+            "| ttalign median TTFT ms | TTFT overhead ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for i, rounds in enumerate(report["rounds"]):
+            r = rounds[backend]
+            lines.append(
+                f"| {i} | {r['vllm']['output_throughput']:.1f} | "
+                f"{r['ttalign']['output_throughput']:.1f} | {r['throughput_ratio']:.3f} | "
+                f"{r['vllm']['median_ttft_ms']:.1f} | {r['ttalign']['median_ttft_ms']:.1f} | "
+                f"{r['median_ttft_overhead_ms']:+.1f} |"
+            )
+        lines += [
+            "",
+            f"**Median throughput ratio (ttalign / vLLM): "
+            f"{summary['median_throughput_ratio']:.3f}** (goal ≥ 0.95)  ",
+            f"**Median TTFT overhead: {summary['median_ttft_overhead_ms']:+.1f} ms** "
+            "(goal ≤ 15 ms)",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +20,8 @@ from ttalign.reward_clients.registry import RewardRegistry
 from ttalign.server.admission import Admission
 from ttalign.server.auth import ApiKeyMiddleware, load_api_keys
 from ttalign.server.body_limit import BodyLimitMiddleware
+from ttalign.server.completion_protocol import CompletionRequest
+from ttalign.server.completions import TextCompletionService
 from ttalign.server.disconnect import ClientDisconnected, cancel_on_disconnect
 from ttalign.server.engine_factory import build_engine, warm_up
 from ttalign.server.error_boundary import ErrorBoundaryMiddleware
@@ -33,6 +36,7 @@ from ttalign.server.serving import (
     ChatCompletionService,
     PreparedRequest,
     load_prompt_overrides,
+    parse_body,
     parse_request,
 )
 from ttalign.server.settings import ServerSettings
@@ -43,6 +47,8 @@ logger = logging.getLogger(__name__)
 EngineFactory = Callable[[ServerSettings], EngineClient | Awaitable[EngineClient]]
 RewardFactory = Callable[[ServerSettings, EngineClient, Metrics], RewardRegistry]
 EmbedderFactory = Callable[[ServerSettings], Embedder | None]
+
+RunT = TypeVar("RunT")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -105,6 +111,7 @@ def create_app(
             app.state.admission = admission
             app.state.embedder = embedder
             app.state.service = ChatCompletionService(engine, settings, metrics, rewards, embedder)
+            app.state.text_service = TextCompletionService(app.state.service)
             app.state.scorer = ScoreService(
                 rewards, admission, metrics, max_candidates=settings.max_candidates
             )
@@ -149,29 +156,20 @@ def _install_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         service: ChatCompletionService = request.app.state.service
-        admission: Admission = request.app.state.admission
-        parsed = None
-        try:
-            parsed = parse_request(await request.body())
-            session = request.headers.get(service.settings.session_header)
-            prepared = service.prepare(parsed, session)
-            admission.acquire()
-        except APIError as exc:
-            service.record_refusal(parsed.strategy if parsed else None, exc)
-            raise
-        if parsed.stream:
-            return StreamingResponse(
-                _released_after(_event_stream(service, prepared), admission),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
-            )
-        try:
-            body = await cancel_on_disconnect(request, service.complete(prepared))
-        except ClientDisconnected:
-            return Response(status_code=499)
-        finally:
-            admission.release()
-        return JSONResponse(body)
+
+        async def prepare(body: bytes, session: str | None) -> PreparedRequest:
+            return service.prepare(parse_request(body), session)
+
+        return await _serve(request, prepare, service.complete, service.stream, lambda r: r)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        service: TextCompletionService = request.app.state.text_service
+
+        async def prepare(body: bytes, session: str | None) -> list[PreparedRequest]:
+            return await service.prepare(parse_body(body, CompletionRequest), session)
+
+        return await _serve(request, prepare, service.complete, service.stream, lambda r: r[0])
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -232,14 +230,52 @@ def _install_routes(app: FastAPI) -> None:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-def _event_stream(service: ChatCompletionService, prepared: PreparedRequest) -> AsyncIterator[str]:
-    """The request's SSE frames; searches that stream no tokens get keep-alive frames."""
-    frames = service.stream(prepared)
-    if prepared.strategy.streams_tokens:
-        return frames  # the token hot path: nothing in between
-    return with_keepalive(
-        frames, service.settings.stream_keepalive_seconds, _keepalive_chunk(prepared)
-    )
+async def _serve(
+    request: Request,
+    prepare: Callable[[bytes, str | None], Awaitable[RunT]],
+    complete: Callable[[RunT], Awaitable[dict[str, Any]]],
+    stream: Callable[[RunT], AsyncIterator[str]],
+    first: Callable[[RunT], PreparedRequest],
+) -> Response:
+    """Admit a completion request, then answer it whole or as a stream of SSE frames.
+
+    ``first`` gives one prepared run of ``RunT`` (all of a batch share strategy and header).
+    """
+    service: ChatCompletionService = request.app.state.service
+    admission: Admission = request.app.state.admission
+    body = await request.body()
+    try:
+        run = await prepare(body, request.headers.get(service.settings.session_header))
+        admission.acquire()
+    except APIError as exc:
+        service.record_refusal(_named_strategy(body), exc)
+        raise
+    prepared = first(run)
+    if prepared.request.stream:
+        frames = stream(run)
+        if not prepared.strategy.streams_tokens:  # else the token hot path: nothing between
+            frames = with_keepalive(
+                frames, service.settings.stream_keepalive_seconds, _keepalive_chunk(prepared)
+            )
+        return StreamingResponse(
+            _released_after(frames, admission), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    try:
+        answer = await cancel_on_disconnect(request, complete(run))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        admission.release()
+    return JSONResponse(answer)
+
+
+def _named_strategy(body: bytes) -> str | None:
+    """The strategy a refused request named, if its body says (for the refusal metrics)."""
+    try:
+        strategy = json.loads(body).get("strategy")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return strategy if isinstance(strategy, str) else None
 
 
 def _keepalive_chunk(prepared: PreparedRequest) -> str:

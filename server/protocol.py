@@ -1,9 +1,9 @@
-"""Request schema of ``POST /v1/chat/completions``: OpenAI's fields plus ttalign's own."""
+"""Request schemas of the chat completion and score routes: OpenAI's fields plus ttalign's."""
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -104,11 +104,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(OpenAIBaseModel):
-    """OpenAI chat completion request. Range checks here give 400s naming the param."""
+class SamplingRequest(OpenAIBaseModel):
+    """The fields chat and text completion requests share: sampling, the vLLM extensions
+    ``vllm serve`` accepts, and ttalign's strategy fields. Range checks here give 400s
+    naming the param."""
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -122,8 +123,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
     response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     user: str | None = None
 
     # --- vLLM extensions, accepted as ``vllm serve`` accepts them (send through ``extra_body``)
@@ -222,10 +221,13 @@ class ChatCompletionRequest(OpenAIBaseModel):
                 raise ValueError(f"biases must be within [-100, 100], got {value}")
         return bias
 
+    #: Fields of this API that would change the answer but are not served, by feature.
+    unsupported_fields: ClassVar[dict[str, str]] = UNSUPPORTED_FIELDS
+
     def unsupported_field(self) -> tuple[str, str] | None:
         """The first field sent that changes the answer but is not served, with its feature."""
         extra = self.model_extra or {}
-        for name, feature in UNSUPPORTED_FIELDS.items():
+        for name, feature in self.unsupported_fields.items():
             value = extra.get(name)
             if value in (None, [], {}) or (name == "tool_choice" and value == "none"):
                 continue
@@ -245,6 +247,21 @@ class ChatCompletionRequest(OpenAIBaseModel):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def logprob_count(self) -> int | None:
+        """Top alternatives to report per token, or ``None`` for no logprobs at all."""
+        raise NotImplementedError
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """OpenAI chat completion request (``POST /v1/chat/completions``)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ScoreRequest(BaseModel):

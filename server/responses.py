@@ -1,4 +1,4 @@
-"""Builders for OpenAI-shaped chat completion responses, stream chunks and SSE frames.
+"""Builders for OpenAI-shaped responses, stream chunks and SSE frames.
 
 Plain dicts serialised with ``json.dumps``: this is the per-token hot path of streaming.
 """
@@ -55,6 +55,13 @@ class ResponseHeader:
     model: str
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    #: The ``object`` of stream chunks: chat's, or ``text_completion`` for completions.
+    chunk_object: str = "chat.completion.chunk"
+
+    @classmethod
+    def text_completion(cls, model: str) -> ResponseHeader:
+        """The header of a ``/v1/completions`` response (its chunks are ``text_completion``)."""
+        return cls(model, id=f"cmpl-{uuid.uuid4().hex}", chunk_object="text_completion")
 
     def completion(
         self,
@@ -84,7 +91,7 @@ class ResponseHeader:
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": self.chunk_object,
             "created": self.created,
             "model": self.model,
             "choices": choices,

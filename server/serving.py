@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from ttalign.engine.base import (
     AdaptiveTemperatureEngine,
     EngineClient,
     EngineRequestError,
+    Prompt,
     SamplingSettings,
     StructuredOutput,
 )
@@ -33,19 +35,21 @@ from ttalign.server.errors import (
     validation_error,
 )
 from ttalign.server.metrics import Metrics
-from ttalign.server.protocol import ChatCompletionRequest, ResponseFormat
+from ttalign.server.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest
 from ttalign.server.responses import DONE_FRAME, ResponseHeader, delta_choice, sse, usage
 from ttalign.server.settings import ServerSettings
-from ttalign.strategies import get_strategy, strategy_names
+from ttalign.strategies import all_strategies, get_strategy, strategy_names
 from ttalign.strategies.base import (
     AlignmentRequest,
     DeltaEvent,
     ProgressEvent,
+    ResultEvent,
     RewardResolver,
     Strategy,
     StrategyConfig,
     StrategyContext,
     StrategyResult,
+    StreamEvent,
 )
 from ttalign.strategies.budget import ComputeBudget
 from ttalign.strategies.errors import InvalidStrategyRequest
@@ -65,7 +69,7 @@ CLIENT_CLOSED_REQUEST = 499
 class PreparedRequest:
     """A validated request, ready to run."""
 
-    request: ChatCompletionRequest
+    request: SamplingRequest
     strategy: Strategy[Any]
     config: StrategyConfig
     context: StrategyContext
@@ -204,12 +208,19 @@ class ChatCompletionService:
     # --- validation -------------------------------------------------------------------------
 
     def prepare(
-        self, request: ChatCompletionRequest, affinity_key: str | None = None
+        self,
+        request: SamplingRequest,
+        affinity_key: str | None = None,
+        *,
+        completion: tuple[str, Prompt] | None = None,
+        header: ResponseHeader | None = None,
     ) -> PreparedRequest:
         """Check the request against server policy and build its strategy context.
 
         ``affinity_key`` (the client's session header) keeps a conversation's requests on
-        one replica in remote mode; without it each request is its own key.
+        one replica in remote mode; without it each request is its own key. A
+        ``/v1/completions`` request passes ``completion``: one prompt's text and the prompt
+        as the engine gets it (that text, or token ids).
         """
         started = time.monotonic()
         if request.model != self.engine.model_name:
@@ -217,6 +228,15 @@ class ChatCompletionService:
         strategy = self._strategy(request.strategy)
         config = self._strategy_config(strategy, request.strategy_config)
         self._check_limits(request)
+        if completion is None:
+            assert isinstance(request, ChatCompletionRequest)
+            self._check_chat(request)
+            messages = tuple({"role": m.role, "content": m.text()} for m in request.messages)
+            raw_prompt = None
+        else:
+            _check_completes_raw_prompts(strategy)
+            text, raw_prompt = completion
+            messages = ({"role": "user", "content": text},)
         if strategy.needs_reward(config) or request.reward is not None:
             self._check_reward(
                 request.reward, getattr(config, "reward", None), tuple(request.constraints or ())
@@ -233,7 +253,7 @@ class ChatCompletionService:
             else None
         )
         context = StrategyContext(
-            request=self._alignment_request(request),
+            request=self._alignment_request(request, messages, raw_prompt),
             engine=MeteredEngine(self.engine, timeline),
             rewards=RewardResolver(
                 lambda name: self.rewards.get(name, constraints=tuple(request.constraints or ())),
@@ -247,7 +267,7 @@ class ChatCompletionService:
             strategy.check(context.request, config)
         except InvalidStrategyRequest as exc:
             raise to_api_error(exc) from None
-        header = ResponseHeader(self.engine.model_name)
+        header = header or ResponseHeader(self.engine.model_name)
         return PreparedRequest(
             request, strategy, config, context, header, started, timeline,
             affinity_key=affinity_key or header.id,
@@ -274,7 +294,20 @@ class ChatCompletionService:
             error.message = f"Invalid strategy_config for {strategy.name!r}: {error.message}"
             raise error from None
 
-    def _check_limits(self, request: ChatCompletionRequest) -> None:
+    def _check_chat(self, request: ChatCompletionRequest) -> None:
+        if len(request.messages) > self.settings.max_messages:
+            raise InvalidRequestError(
+                f"{len(request.messages)} messages were sent, but this server accepts at most "
+                f"{self.settings.max_messages} per request.",
+                param="messages",
+                code="invalid_value",
+            )
+        if request.top_logprobs and not request.logprobs:
+            raise InvalidRequestError(
+                "top_logprobs requires logprobs to be true.", param="top_logprobs"
+            )
+
+    def _check_limits(self, request: SamplingRequest) -> None:
         s = self.settings
         unsupported = request.unsupported_field()
         if unsupported is not None:
@@ -283,13 +316,6 @@ class ChatCompletionService:
                 f"{name} is not supported: this server does not offer {feature}.",
                 param=name,
                 code="unsupported_parameter",
-            )
-        if len(request.messages) > s.max_messages:
-            raise InvalidRequestError(
-                f"{len(request.messages)} messages were sent, but this server accepts at most "
-                f"{s.max_messages} per request.",
-                param="messages",
-                code="invalid_value",
             )
         if request.n > s.max_n:
             raise InvalidRequestError(
@@ -304,10 +330,6 @@ class ChatCompletionService:
                 f"{param} is {max_tokens}, but this server allows at most {s.max_tokens_cap}.",
                 param=param,
                 code="invalid_value",
-            )
-        if request.top_logprobs and not request.logprobs:
-            raise InvalidRequestError(
-                "top_logprobs requires logprobs to be true.", param="top_logprobs"
             )
         if request.stream_options is not None and not request.stream:
             raise InvalidRequestError(
@@ -324,7 +346,12 @@ class ChatCompletionService:
             param = "strategy_config.reward" if configured else "reward"
             raise InvalidRequestError(str(exc), param=param, code="unknown_reward") from None
 
-    def _alignment_request(self, request: ChatCompletionRequest) -> AlignmentRequest:
+    def _alignment_request(
+        self,
+        request: SamplingRequest,
+        messages: tuple[dict[str, str], ...],
+        raw_prompt: Prompt | None,
+    ) -> AlignmentRequest:
         s = self.settings
         sampling = request_sampling(
             # The engine applies --generation-config: under "vllm" it reports no defaults.
@@ -334,7 +361,8 @@ class ChatCompletionService:
             s.max_tokens_cap,
         )
         return AlignmentRequest(
-            messages=tuple({"role": m.role, "content": m.text()} for m in request.messages),
+            messages=messages,
+            raw_prompt=raw_prompt,
             sampling=sampling,
             n=request.n,
             return_trace=request.return_trace,
@@ -352,20 +380,15 @@ class ChatCompletionService:
 
     # --- running ----------------------------------------------------------------------------
 
-    async def complete(self, prepared: PreparedRequest) -> dict[str, Any]:
-        """Run a non-streaming request to its JSON response."""
+    async def run(self, prepared: PreparedRequest) -> StrategyResult:
+        """Run a request's strategy to its result; failures are raised as API errors."""
         status = 200
         try:
             with request_routing(prepared.affinity_key) as scope:
                 scope.scoring_meter = scoring_meter(prepared)
                 result = await prepared.strategy.run(prepared.context, prepared.config)
                 self._record_overhead(prepared, scope)
-            return prepared.header.completion(
-                result.choices,
-                await self._usage(prepared, result),
-                self._alignment(prepared, result),
-                want_logprobs=prepared.request.logprobs,
-            )
+            return result
         except Exception as exc:
             error = _client_error(exc)
             status = error.status_code
@@ -376,17 +399,49 @@ class ChatCompletionService:
         finally:
             self._record(prepared, status)
 
-    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[str]:
-        """Run a streaming request, yielding SSE frames up to and including ``[DONE]``."""
-        header, request = prepared.header, prepared.request
-        include_usage = request.include_usage()
-        usage_field = {"usage": None} if include_usage else {}
-        started_choices: set[int] = set()
+    async def complete(self, prepared: PreparedRequest) -> dict[str, Any]:
+        """Run a non-streaming chat request to its JSON response."""
+        result = await self.run(prepared)
+        return prepared.header.completion(
+            result.choices,
+            await self.response_usage(prepared, result),
+            self.alignment(prepared, result),
+            want_logprobs=prepared.request.logprob_count() is not None,
+        )
+
+    async def events(self, prepared: PreparedRequest) -> AsyncIterator[StreamEvent]:
+        """The strategy's stream events, ending with its :class:`ResultEvent`.
+
+        A failure is raised as an :class:`APIError` (the caller sends it as a frame).
+        """
         status = 200
         with request_routing(prepared.affinity_key) as scope:
             scope.scoring_meter = scoring_meter(prepared)
             try:
                 async for event in prepared.strategy.stream(prepared.context, prepared.config):
+                    if isinstance(event, ResultEvent):
+                        self._record_overhead(prepared, scope)
+                    yield event
+            except Exception as exc:
+                error = _client_error(exc)
+                status = error.status_code
+                raise error from exc
+            except BaseException:
+                status = CLIENT_CLOSED_REQUEST  # nobody is left to read an error frame
+                raise
+            finally:
+                self._record(prepared, status)
+
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[str]:
+        """Run a streaming chat request, yielding SSE frames up to and including ``[DONE]``."""
+        header, request = prepared.header, prepared.request
+        include_usage = request.include_usage()
+        want_logprobs = request.logprob_count() is not None
+        usage_field = {"usage": None} if include_usage else {}
+        started_choices: set[int] = set()
+        try:
+            async with aclosing(self.events(prepared)) as events:
+                async for event in events:
                     if isinstance(event, ProgressEvent):
                         yield sse(header.chunk([], alignment_progress=event.data, **usage_field))
                     elif isinstance(event, DeltaEvent):
@@ -411,7 +466,7 @@ class ChatCompletionService:
                                         delta.index,
                                         {"content": delta.text} if delta.text else {},
                                         None if finish == "abort" else finish,
-                                        delta.logprobs if request.logprobs else None,
+                                        delta.logprobs if want_logprobs else None,
                                     )
                                 ],
                                 **usage_field,
@@ -422,26 +477,19 @@ class ChatCompletionService:
                         if not event.streamed:
                             for frame in self._final_answer_frames(prepared, result, usage_field):
                                 yield frame
-                        tail: dict[str, Any] = {"alignment": self._alignment(prepared, result)}
+                        tail: dict[str, Any] = {"alignment": self.alignment(prepared, result)}
                         if include_usage:
-                            tail["usage"] = await self._usage(prepared, result)
-                        self._record_overhead(prepared, scope)
+                            tail["usage"] = await self.response_usage(prepared, result)
                         yield sse(header.chunk([], **tail))
-            except Exception as exc:
-                error = _client_error(exc)
-                status = error.status_code
-                yield sse(error.body())
-            except BaseException:
-                status = CLIENT_CLOSED_REQUEST  # nobody is left to read an error frame
-                raise
-            finally:
-                self._record(prepared, status)
+        except APIError as error:
+            yield sse(error.body())
         yield DONE_FRAME
 
     def _final_answer_frames(
         self, prepared: PreparedRequest, result: StrategyResult, usage_field: dict[str, Any]
     ) -> list[str]:
-        header, want_logprobs = prepared.header, prepared.request.logprobs
+        header = prepared.header
+        want_logprobs = prepared.request.logprob_count() is not None
         frames = []
         for i, choice in enumerate(result.choices):
             frames.append(
@@ -470,13 +518,25 @@ class ChatCompletionService:
 
     # --- bookkeeping ------------------------------------------------------------------------
 
-    async def _usage(self, prepared: PreparedRequest, result: StrategyResult) -> dict[str, int]:
+    async def response_usage(
+        self, prepared: PreparedRequest, result: StrategyResult
+    ) -> dict[str, int]:
+        """The request's OpenAI ``usage``: its prompt once, and its choices' tokens."""
         prompt_tokens = result.prompt_tokens
         if prompt_tokens is None:
-            prompt_tokens = len(await self.engine.render_chat(prepared.context.request.messages))
+            prompt_tokens = await self._prompt_tokens(prepared.context.request)
         return usage(prompt_tokens, sum(c.num_tokens for c in result.choices))
 
-    def _alignment(self, prepared: PreparedRequest, result: StrategyResult) -> dict[str, Any]:
+    async def _prompt_tokens(self, request: AlignmentRequest) -> int:
+        prompt = request.raw_prompt
+        if isinstance(prompt, str):
+            return await self.engine.count_tokens(prompt)
+        if prompt is None:
+            prompt = await self.engine.render_chat(request.messages)
+        return len(prompt)
+
+    def alignment(self, prepared: PreparedRequest, result: StrategyResult) -> dict[str, Any]:
+        """The response's ``alignment`` object: the search's cost, rewards and trace."""
         engine_usage = prepared.context.engine.usage
         reward_usage = prepared.context.rewards.usage
         alignment: dict[str, Any] = {
@@ -528,7 +588,7 @@ class ChatCompletionService:
 
 
 def request_sampling(
-    request: ChatCompletionRequest,
+    request: SamplingRequest,
     defaults: Mapping[str, Any],
     default_max_tokens: int,
     max_tokens_cap: int,
@@ -564,7 +624,7 @@ def request_sampling(
         max_tokens=max_tokens,
         stop=request.stop_sequences(),
         seed=request.seed,
-        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        logprobs=request.logprob_count(),
         ignore_eos=request.ignore_eos,
         top_k=pick("top_k", None),
         min_p=pick("min_p", 0.0),
@@ -587,6 +647,18 @@ def _structured_output(response_format: ResponseFormat | None) -> StructuredOutp
         return StructuredOutput(json_object=True)
     assert response_format.json_schema is not None  # the protocol requires it
     return StructuredOutput(json_schema=json.dumps(response_format.json_schema.schema_))
+
+
+def _check_completes_raw_prompts(strategy: Strategy[Any]) -> None:
+    if not strategy.completes_raw_prompts:
+        serving = ", ".join(s.name for s in all_strategies() if s.completes_raw_prompts)
+        raise InvalidRequestError(
+            f"Strategy {strategy.name!r} rewrites the conversation between rounds, so it "
+            "needs chat messages: send it to /v1/chat/completions. On /v1/completions a "
+            f"prompt is used as it is, which these strategies support: {serving}.",
+            param="strategy",
+            code="unsupported_strategy",
+        )
 
 
 def _client_error(exc: BaseException) -> APIError:

@@ -143,6 +143,11 @@ class ServerSettings(BaseSettings):
         2048, ge=1, description="Largest max_tokens a request may ask for; more is a 400."
     )
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for; more is a 400.")
+    max_prompts: int = Field(
+        16,
+        ge=1,
+        description="Most prompts one /v1/completions request may batch; more is a 400.",
+    )
     max_candidates: int = Field(
         64, ge=1, description="Largest number of candidates a strategy may sample per round."
     )

@@ -19,10 +19,10 @@ chosen temperature (example level) or the histogram and mean of the tokens' temp
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from ttalign.strategies.base import (
     StreamEvent,
 )
 from ttalign.strategies.errors import InvalidStrategyRequest
+from ttalign.strategies.merging import merge_tagged
 from ttalign.strategies.registry import register_strategy
 from ttalign.strategies.sampling import PartialCompletion, offset_seed
 
@@ -222,6 +223,7 @@ class AdaptiveTemperature(Strategy[AdaptiveTemperatureConfig]):
     )
     config_model = AdaptiveTemperatureConfig
     streams_tokens = True
+    completes_raw_prompts = True
 
     def check(self, request: AlignmentRequest, config: AdaptiveTemperatureConfig) -> None:
         chosen = plan(request, config)
@@ -245,7 +247,7 @@ class AdaptiveTemperature(Strategy[AdaptiveTemperatureConfig]):
         self, ctx: StrategyContext, config: AdaptiveTemperatureConfig
     ) -> AsyncIterator[StreamEvent]:
         chosen = plan(ctx.request, config)
-        prompt = await ctx.chat_prompt(ctx.request.messages)
+        prompt = await ctx.request_prompt()
         if chosen.level == "example":
             run = _ExampleLevel(ctx, chosen, prompt)
         else:
@@ -396,35 +398,6 @@ async def merged_streams(
 
     Closing the merged stream (or an error in any stream) closes every stream.
     """
-    if len(streams) == 1:
-        async for delta in streams[0]:
-            yield delta
-        return
-    queue: asyncio.Queue[tuple[int, CompletionDelta | BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[CompletionDelta]) -> None:
-        try:
-            async for delta in stream:
-                await queue.put((index, delta))
-        except Exception as exc:
-            await queue.put((index, exc))
-        else:
-            await queue.put((index, None))
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    running = len(tasks)
-    try:
-        while running:
-            index, item = await queue.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield replace(item, index=index)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with aclosing(merge_tagged(streams)) as merged:
+        async for index, delta in merged:
+            yield replace(delta, index=index) if len(streams) > 1 else delta

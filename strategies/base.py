@@ -67,6 +67,10 @@ class AlignmentRequest:
     #: The temperature heads the engine has loaded, by name; ``None`` when the engine
     #: cannot pick temperatures per row (``adaptive_temperature`` then refuses).
     temperature_heads: Mapping[str, TemperatureHeadInfo] | None = None
+    #: A ``/v1/completions`` request's own prompt (text or token ids), sent to the engine
+    #: as it is; ``messages`` then hold its text as one user turn, for reward clients.
+    #: ``None`` for a chat request, whose prompt is its rendered messages.
+    raw_prompt: Prompt | None = None
 
     def check_step_tokens(self, tokens: int, param: str) -> None:
         """Refuse a per-step token limit above the server's cap (a 400 on ``param``)."""
@@ -239,6 +243,12 @@ class StrategyContext:
             messages, continue_final_message=continue_final_message
         )
 
+    async def request_prompt(self) -> Prompt:
+        """The request's own prompt: a completion request's as sent, else its chat rendered."""
+        if self.request.raw_prompt is not None:
+            return self.request.raw_prompt
+        return await self.chat_prompt(self.request.messages)
+
     async def sample(
         self, messages: Sequence[dict[str, str]], sampling: SamplingSettings
     ) -> Generation:
@@ -318,6 +328,9 @@ class Strategy(ABC, Generic[ConfigT]):
     #: Whether :meth:`stream` yields tokens as the engine makes them. Searches that send
     #: nothing until they have an answer do not, and the server keeps their streams alive.
     streams_tokens: ClassVar[bool] = False
+    #: Whether it serves a raw prompt (``/v1/completions``): only strategies that never
+    #: rewrite the conversation (critiques, rewinds, mutations) can.
+    completes_raw_prompts: ClassVar[bool] = False
 
     def needs_reward(self, config: ConfigT) -> bool:
         """Whether this config consults a reward client (so its name is validated up front)."""

@@ -47,6 +47,7 @@ class BestOfNConfig(StrategyConfig):
 @register_strategy
 class BestOfN(Strategy[BestOfNConfig]):
     name = "best_of_n"
+    completes_raw_prompts = True
     description = (
         "Sample N candidates in one engine call, score them with a reward client in one "
         "batch, and return the best (the top-n distinct ones for n > 1)."
@@ -75,7 +76,7 @@ class BestOfN(Strategy[BestOfNConfig]):
             temperature=config.temperature,
             top_p=config.top_p if config.top_p is not None else request.sampling.top_p,
         )
-        generation = await ctx.sample(request.messages, sampling)
+        generation = await ctx.generate(await ctx.request_prompt(), sampling)
         ctx.report(stage="scoring", candidates=len(generation.completions))
         try:
             scored = await score_completions(ctx, reward, request.messages, generation.completions)

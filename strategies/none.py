@@ -31,6 +31,7 @@ class PassThrough(Strategy[NoneConfig]):
     description = "No alignment: one engine call with the request's own sampling settings."
     config_model = NoneConfig
     streams_tokens = True
+    completes_raw_prompts = True
 
     def check(self, request: AlignmentRequest, config: NoneConfig) -> None:
         request.budget.check(request.n, request.n * request.sampling.max_tokens, param="n")
@@ -39,7 +40,7 @@ class PassThrough(Strategy[NoneConfig]):
         return replace(ctx.request.sampling, n=ctx.request.n)
 
     async def run(self, ctx: StrategyContext, config: NoneConfig) -> StrategyResult:
-        generation = await ctx.sample(ctx.request.messages, self._sampling(ctx))
+        generation = await ctx.generate(await ctx.request_prompt(), self._sampling(ctx))
         return StrategyResult(
             choices=[
                 ChoiceResult(c.text, c.finish_reason, c.num_tokens, logprobs=c.logprobs)
@@ -49,7 +50,7 @@ class PassThrough(Strategy[NoneConfig]):
         )
 
     async def stream(self, ctx: StrategyContext, config: NoneConfig) -> AsyncIterator[StreamEvent]:
-        prompt = await ctx.chat_prompt(ctx.request.messages)
+        prompt = await ctx.request_prompt()
         collected: dict[int, PartialCompletion] = {}
         prompt_tokens = 0
         async for delta in ctx.stream(prompt, self._sampling(ctx)):
