@@ -92,6 +92,25 @@ def test_a_search_stops_early_at_the_budget(serve_on_real_engine) -> None:
     assert alignment["trace"]["stop_reason"] == "budget"
 
 
+def test_a_judge_heavy_request_stops_at_its_engine_token_budget(serve_on_real_engine) -> None:
+    # Room for sampling eight 4-token candidates of a ~30-token prompt (~62 tokens), not
+    # for the judge's ratings of them (each a prompt of a few hundred tokens).
+    with serve_on_real_engine(max_request_engine_tokens=150) as server:
+        judged = dict(strategy="best_of_n", strategy_config={"n": 8}, reward="judge")
+        response, _ = _post(server, max_tokens=4, seed=0, **judged)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "budget_exceeded"
+        assert "--max-request-engine-tokens" in error["message"]
+        assert _idle(server)
+    # The same request with room for the judge: its ratings count in the engine tokens.
+    with serve_on_real_engine() as server:
+        response, _ = _post(server, max_tokens=4, seed=0, **judged)
+    alignment = response.json()["alignment"]
+    assert alignment["reward_engine_calls"] >= 1
+    assert alignment["engine_tokens"]["prompt_tokens"] > 150
+
+
 TPO_HEAVY = {"depth": 3, "width": 4, "max_tokens": {"loss": 200, "gradient": 200}}
 
 
