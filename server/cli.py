@@ -15,14 +15,10 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 from ttalign.server.settings import ServerSettings
+from ttalign.server.settings_reference import ENV_PREFIX, flag
 
-ENV_PREFIX = "TTALIGN_"
 #: uvicorn's exit status when the app fails to start.
 STARTUP_FAILURE = 3
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _value_type(annotation: Any) -> Any:
@@ -41,14 +37,14 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         )
         if field.annotation is bool:
             parser.add_argument(
-                _flag(name),
+                flag(name),
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
                 help=help_text,
             )
         else:
             parser.add_argument(
-                _flag(name),
+                flag(name),
                 type=_value_type(field.annotation),
                 default=argparse.SUPPRESS,
                 help=help_text,

@@ -1,6 +1,6 @@
-"""What the README promises about reproducibility, as numbers the real-engine tests use.
+"""What the docs promise about reproducibility, as numbers the real-engine tests use.
 
-Measured with ``benchmarks/determinism.py`` (the README's "Reproducibility" section):
+Measured with ``benchmarks/determinism.py`` (docs/reproducibility.md):
 
 - ``--deterministic`` (float32, no prefix-cache reads): a seeded request's text and rewards
   were bit-identical across calls, alone or beside other traffic, on every CPU measured.

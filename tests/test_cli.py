@@ -42,14 +42,6 @@ def test_invalid_setting_exits_with_a_message() -> None:
     assert "max_n" in result.stderr
 
 
-def test_readme_configuration_reference_lists_every_setting() -> None:
-    from pathlib import Path
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    for name in ServerSettings.model_fields:
-        assert f"`TTALIGN_{name.upper()}`" in readme, f"README lacks TTALIGN_{name.upper()}"
-
-
 def test_unknown_prompt_override_exits_at_start_listing_the_valid_names(tmp_path) -> None:
     overrides = tmp_path / "prompts.json"
     overrides.write_text('{"tpo.los_user": "typo", "rain.question": "fine"}')

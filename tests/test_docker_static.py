@@ -412,7 +412,7 @@ def test_ports_publish_each_service_where_it_listens(profile: str) -> None:
     policy_ports = sorted(
         p for n, s in fleet.items() if role(n) == "policy" for p, _ in published(s)
     )
-    assert policy_ports == [8101, 8102]  # what the README's by-hand fleet uses
+    assert policy_ports == [8101, 8102]  # what the docs' by-hand fleet uses
 
 
 @pytest.mark.parametrize("profile", PROFILES)
