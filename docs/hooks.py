@@ -5,6 +5,6 @@ from __future__ import annotations
 from ttalign.server.settings_reference import PLACEHOLDER, settings_reference
 
 
-def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (mkdocs API)
+def on_page_markdown(markdown: str, page, config, files) -> str:
     """Put the generated settings table where a page holds the placeholder."""
     return markdown.replace(PLACEHOLDER, settings_reference())

@@ -177,5 +177,5 @@ def test_judge_prompt_says_when_the_reply_is_unfinished() -> None:
 def test_the_retry_policy_states_its_attempts_and_its_longest_call() -> None:
     settings = BackendSettings(timeout_seconds=30, max_retries=2, backoff_seconds=0.2)
     assert settings.attempts() == 3
-    assert settings.call_seconds() == pytest.approx(3 * 30 + 0.2 + 0.4)  # the docs' 90.6 s (Reward clients)
+    assert settings.call_seconds() == pytest.approx(3 * 30 + 0.2 + 0.4)  # the docs' 90.6 s
     assert BackendSettings(max_retries=0).call_seconds() == BackendSettings().timeout_seconds
