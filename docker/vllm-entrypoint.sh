@@ -18,6 +18,12 @@
 #   REPLICA_PREFIX_CACHING          true | false
 #   REPLICA_TENSOR_PARALLEL_SIZE    GPUs to shard over
 #   REPLICA_SEED                    engine-wide seed
+#   REPLICA_ADAPTIVE_TEMPERATURE    true: load ttalign's adaptive-temperature logits
+#                                   processor and its routes, so a gateway serves the
+#                                   adaptive_temperature strategy (the image needs ttalign
+#                                   installed, as the CPU image has it)
+#   REPLICA_TEMPERATURE_HEADS       the heads it loads: shipped (the embedded model's, the
+#                                   default), none, or a JSON object of name to head path
 #   REPLICA_EXTRA_ARGS              more vLLM flags, split on whitespace
 #   REPLICA_PYTHON                  interpreter that has vllm (default python3)
 #   REPLICA_DRY_RUN                 true: print the command line instead of running it
@@ -95,6 +101,14 @@ value_flag REPLICA_SEED seed
 bool_flag REPLICA_ENFORCE_EAGER enforce-eager
 bool_flag REPLICA_CHUNKED_PREFILL enable-chunked-prefill
 bool_flag REPLICA_PREFIX_CACHING enable-prefix-caching
+if [[ -n ${REPLICA_ADAPTIVE_TEMPERATURE:-} ]] \
+    && is_true REPLICA_ADAPTIVE_TEMPERATURE "$REPLICA_ADAPTIVE_TEMPERATURE"; then
+    # The flags come from ttalign itself, so they never drift from its code.
+    flags=$("${REPLICA_PYTHON:-python3}" -m ttalign.engine.adaptive_replicas \
+        "${REPLICA_TEMPERATURE_HEADS:-shipped}") || die "cannot load ttalign's replica flags"
+    mapfile -t adaptive <<<"$flags"
+    cmd+=("${adaptive[@]}")
+fi
 if [[ -n ${REPLICA_EXTRA_ARGS:-} ]]; then
     read -r -a extra <<<"$REPLICA_EXTRA_ARGS"
     cmd+=("${extra[@]}")

@@ -6,8 +6,9 @@ Routing, retries and health checks are the :class:`~engine.replicas.ReplicaPool`
 call of one user request reaches one replica, and a call that fails before anything of it
 was returned is retried on another. Closing a call's HTTP request makes vLLM abort it.
 
-Not available remotely: the adaptive-temperature processor (its per-request arguments are
-nested, which ``vllm_xargs`` cannot carry, and its records live inside the replica).
+``adaptive_temperature`` is served when every replica runs ttalign's logits processor and
+routes (``engine.adaptive_replicas``): the heads offered are those all replicas loaded, and
+the per-token records are read from the replicas after the call.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 import httpx
+from ttalign.engine.adaptive_replicas import HEADS_PATH, RECORDS_PATH
 from ttalign.engine.base import (
     Completion,
     CompletionDelta,
@@ -33,6 +35,7 @@ from ttalign.engine.base import (
     Generation,
     Prompt,
     SamplingSettings,
+    TemperatureHeadInfo,
     TokenLogprob,
 )
 from ttalign.engine.local_tokenizer import (
@@ -78,8 +81,10 @@ class RemoteEngine(RendersLocally):
         sampling_defaults: Mapping[str, float | int],
         eos_token_ids: frozenset[int],
         read_timeout: float | None = None,
+        temperature_heads: Mapping[str, TemperatureHeadInfo] | None = None,
     ) -> None:
         self.pool = pool
+        self._temperature_heads = dict(temperature_heads) if temperature_heads is not None else None
         self._text = text
         self._model_name = model_name
         self._max_model_len = max_model_len
@@ -133,6 +138,7 @@ class RemoteEngine(RendersLocally):
                 replica.healthy = replica.url in served
             up = [r for r in pool.replicas if r.healthy]
             await asyncio.gather(*(_check_tokenizer(http, r.url, name, text) for r in up))
+            heads = await _fleet_temperature_heads(http, up)
         config = generation_config(model_path)
         engine = cls(
             pool,
@@ -142,6 +148,7 @@ class RemoteEngine(RendersLocally):
             sampling_defaults=folder_sampling_defaults(config) if use_model_defaults else {},
             eos_token_ids=eos_ids(text.tokenizer, config.get("eos_token_id")),
             read_timeout=read_timeout,
+            temperature_heads=heads,
         )
         # Now, not at the first call: replicas down at start must rejoin on an idle gateway.
         pool.start_health_checks()
@@ -227,6 +234,34 @@ class RemoteEngine(RendersLocally):
             raise self._unavailable(exc) from None
         finally:
             self._running -= 1
+
+    # --- AdaptiveTemperatureEngine -------------------------------------------------------
+
+    @property
+    def temperature_heads(self) -> Mapping[str, TemperatureHeadInfo] | None:  # type: ignore[override]
+        """The heads every replica loaded; ``None`` when the replicas do not run ttalign's
+        processor (``adaptive_temperature`` is then refused with a 400)."""
+        return self._temperature_heads
+
+    async def temperature_records(self, keys: Sequence[str]) -> dict[str, list[float]]:
+        """The records of ``keys``, from whichever replicas hold them (each one once)."""
+
+        async def ask(replica: Replica) -> dict[str, list[float]]:
+            url = f"{replica.url}{RECORDS_PATH}"
+            answer = await self._http.post(url, json={"keys": list(keys)}, timeout=30.0)
+            answer.raise_for_status()
+            return answer.json()["records"]
+
+        answers = await asyncio.gather(
+            *(ask(r) for r in self.pool.replicas), return_exceptions=True
+        )
+        records: dict[str, list[float]] = {}
+        for answer in answers:
+            if isinstance(answer, dict):
+                records.update(answer)
+        if not records and all(isinstance(a, BaseException) for a in answers):
+            raise EngineUnavailableError("no replica answered for its temperature records")
+        return records
 
     async def health(self) -> EngineHealth:
         healthy = self.pool.healthy_count
@@ -457,6 +492,30 @@ def _fleet_model(served: Mapping[str, list[dict[str, Any]]], wanted: str | None)
         raise EngineStartupError(f"replicas disagree on the context length: {found}")
     assert wanted is not None
     return wanted, lengths.pop()
+
+
+async def _fleet_temperature_heads(
+    http: httpx.AsyncClient, replicas: Sequence[Replica]
+) -> dict[str, TemperatureHeadInfo] | None:
+    """The temperature heads every replica serves, or ``None`` unless all run the processor."""
+    if not replicas:
+        return None
+    answers = await asyncio.gather(
+        *(http.get(f"{r.url}{HEADS_PATH}") for r in replicas), return_exceptions=True
+    )
+    common: dict[str, Any] | None = None
+    for answer in answers:
+        if not isinstance(answer, httpx.Response) or answer.status_code != 200:
+            return None
+        body = answer.json()
+        if not body.get("processor"):
+            return None
+        heads = body.get("heads") or {}
+        common = heads if common is None else {k: v for k, v in common.items() if heads.get(k) == v}
+    return {
+        name: TemperatureHeadInfo(name, spec["level"], tuple(spec["temperatures"]))
+        for name, spec in (common or {}).items()
+    }
 
 
 async def _check_tokenizer(

@@ -18,62 +18,22 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from torch import nn
+from ttalign.engine.temperature_head_manifest import (
+    HeadFileError,
+    HeadManifest,
+    Level,
+    head_paths,
+    read_manifest,
+)
 
-Level = Literal["example", "token"]
+__all__ = ["HeadFileError", "HeadManifest", "Level", "head_paths", "read_manifest"]
 
 #: The paper's temperature set.
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-
-
-class HeadFileError(ValueError):
-    """A head file is missing, malformed, or was trained for another model."""
-
-
-@dataclass(frozen=True)
-class HeadManifest:
-    """What a head file says about itself."""
-
-    temperatures: tuple[float, ...]
-    level: Level
-    input_dim: int
-    hidden_dim: int
-    #: :func:`unembedding_fingerprint` of the model the head was trained on.
-    model_fingerprint: str
-    #: Training data, reward, seed, metrics and command: free-form, for people.
-    training: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "temperatures": list(self.temperatures),
-            "level": self.level,
-            "input_dim": self.input_dim,
-            "hidden_dim": self.hidden_dim,
-            "model_fingerprint": self.model_fingerprint,
-            "training": dict(self.training),
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> HeadManifest:
-        try:
-            level = data["level"]
-            if level not in ("example", "token"):
-                raise HeadFileError(f"level must be 'example' or 'token', not {level!r}")
-            return cls(
-                temperatures=tuple(float(t) for t in data["temperatures"]),
-                level=level,
-                input_dim=int(data["input_dim"]),
-                hidden_dim=int(data["hidden_dim"]),
-                model_fingerprint=str(data["model_fingerprint"]),
-                training=dict(data.get("training") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HeadFileError(f"malformed head manifest: {exc}") from exc
 
 
 class TemperatureHead(nn.Module):
@@ -166,15 +126,6 @@ def load_unembedding(model_dir: str | Path) -> torch.Tensor:
     return matrix.to(torch.float32)
 
 
-def head_paths(path: str | Path) -> tuple[Path, Path]:
-    """The weights file and the manifest of the head stored at ``path`` (with or without
-    its ``.safetensors`` suffix)."""
-    base = Path(path)
-    if base.suffix in (".safetensors", ".json"):
-        base = base.with_suffix("")
-    return base.with_suffix(".safetensors"), base.with_suffix(".json")
-
-
 def save_head(head: TemperatureHead, manifest: HeadManifest, path: str | Path) -> Path:
     """Write ``head`` and its manifest; returns the weights file's path."""
     from safetensors.torch import save_file
@@ -185,17 +136,6 @@ def save_head(head: TemperatureHead, manifest: HeadManifest, path: str | Path) -
     save_file(state, str(weights))
     manifest_path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return weights
-
-
-def read_manifest(path: str | Path) -> HeadManifest:
-    """The manifest of the head at ``path``, without loading its weights."""
-    _, manifest_path = head_paths(path)
-    try:
-        return HeadManifest.from_json(json.loads(manifest_path.read_text()))
-    except FileNotFoundError:
-        raise HeadFileError(f"head manifest {manifest_path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise HeadFileError(f"head manifest {manifest_path} is not JSON: {exc}") from exc
 
 
 def load_head(path: str | Path) -> tuple[TemperatureHead, HeadManifest]:

@@ -30,6 +30,7 @@ path}}``; ``vllm serve`` takes the same three as ``--logits-processors``,
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -37,6 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from ttalign.engine.adaptive_replicas import (
+    EXTRA_ARGS_KEY,
+    HEADS_CONFIG_KEY,
+)
 from ttalign.engine.temperature_head import (
     HeadFileError,
     LogitsTemperatureHead,
@@ -52,10 +57,6 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 logger = logging.getLogger(__name__)
 
-EXTRA_ARGS_KEY = "ttalign_temperature"
-HEADS_CONFIG_KEY = "ttalign_temperature_heads"
-PROCESSOR_FQCN = "ttalign.engine.vllm_adaptive_temperature:AdaptiveTemperatureProcessor"
-EXTENSION_FQCN = "ttalign.engine.vllm_adaptive_temperature.TemperatureRecordsExtension"
 #: Finished rows' records kept until read; older ones are dropped first.
 MAX_FINISHED_RECORDS = 4096
 MODES = ("learned", "entropy", "sample")
@@ -79,6 +80,11 @@ class RowSpec:
         raw = (extra_args or {}).get(EXTRA_ARGS_KEY)
         if raw is None:
             return None
+        if isinstance(raw, str):  # flattened into one JSON string, as vllm_xargs carries it
+            try:
+                raw = json.loads(raw)
+            except ValueError:
+                raise ValueError(f"extra_args.{EXTRA_ARGS_KEY} is not valid JSON") from None
         if not isinstance(raw, Mapping):
             raise ValueError(f"extra_args.{EXTRA_ARGS_KEY} must be an object")
         unknown = set(raw) - {

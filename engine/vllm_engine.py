@@ -98,7 +98,7 @@ class VllmEngine(RendersLocally):
         that do not opt in); ``temperature_heads`` maps head names to head files, which must
         have been trained on this model.
         """
-        from ttalign.engine import vllm_adaptive_temperature as adaptive
+        from ttalign.engine import adaptive_replicas as adaptive
         from ttalign.engine.temperature_head import HeadFileError, available_heads
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

@@ -7,19 +7,14 @@ from typing import Literal
 
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from ttalign.engine.temperature_head_manifest import SHIPPED_HEADS
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "ttalign"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 #: Heads trained for the embedded model, shipped in the package (engine/heads).
-SHIPPED_TEMPERATURE_HEADS = {
-    f"smollm2-{level}": Path(__file__).resolve().parents[1]
-    / "engine"
-    / "heads"
-    / f"smollm2-{level}"
-    for level in ("example", "token")
-}
+SHIPPED_TEMPERATURE_HEADS = SHIPPED_HEADS
 
 
 def parse_head_pairs(value: str) -> dict[str, Path]:

@@ -19,6 +19,7 @@ chosen temperature (example level) or the histogram and mean of the tokens' temp
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import Field
+from ttalign.engine.adaptive_replicas import EXTRA_ARGS_KEY
 from ttalign.engine.base import (
     CompletionDelta,
     EngineUnavailableError,
@@ -51,8 +53,6 @@ from ttalign.strategies.sampling import PartialCompletion, offset_seed
 
 #: The paper's temperature set, used by ``entropy`` when the request names none.
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-#: The engine's ``extra_args`` key (``engine.vllm_adaptive_temperature.EXTRA_ARGS_KEY``).
-EXTRA_ARGS_KEY = "ttalign_temperature"
 MAX_TEMPERATURES = 16
 
 
@@ -117,7 +117,8 @@ class _Plan:
             spec["choose"] = True
         if record is not None:
             spec["record"] = record
-        return {EXTRA_ARGS_KEY: spec}
+        # One JSON string: vLLM servers take only flat values in ``vllm_xargs``.
+        return {EXTRA_ARGS_KEY: json.dumps(spec, separators=(",", ":"))}
 
 
 def default_head(

@@ -13,11 +13,13 @@ prompts built from rendered ids plus generated ids read back as the text they st
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ttalign.engine.adaptive_replicas import EXTRA_ARGS_KEY
 from ttalign.engine.base import (
     Completion,
     CompletionDelta,
@@ -287,9 +289,14 @@ class FakeReward:
         return None
 
 
-#: ``extra_args`` key of the adaptive-temperature logits processor (as in
-#: ``engine.vllm_adaptive_temperature.EXTRA_ARGS_KEY``; the fakes must not import vLLM).
-TEMPERATURE_KEY = "ttalign_temperature"
+#: ``extra_args`` key of the adaptive-temperature logits processor.
+TEMPERATURE_KEY = EXTRA_ARGS_KEY
+
+
+def temperature_spec(sampling: SamplingSettings) -> dict | None:
+    """The processor's spec a call carries (one JSON string, as ``vllm_xargs`` needs it)."""
+    raw = (sampling.extra_args or {}).get(TEMPERATURE_KEY)
+    return json.loads(raw) if isinstance(raw, str) else raw
 
 
 def constant_record(prompt: str, sampling: SamplingSettings, num_tokens: int) -> list[float]:
@@ -315,7 +322,7 @@ class AdaptiveFakeEngine(FakeEngine):
     records: dict[str, list[float]] = field(default_factory=dict)
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
-        spec = (sampling.extra_args or {}).get(TEMPERATURE_KEY)
+        spec = temperature_spec(sampling)
         if not isinstance(spec, Mapping):
             return await super().generate(prompt, sampling)
         text = self.prompt_text(prompt)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import httpx
 from ttalign.benchmarks.processes import free_port, vllm_server_command, wait_healthy
+from ttalign.engine.adaptive_replicas import vllm_serve_flags
 from ttalign.engine.remote_engine import metric_sum
 from ttalign.engine.vllm_engine import resolve_dtype
-from ttalign.server.settings import ServerSettings
+from ttalign.server.settings import SHIPPED_TEMPERATURE_HEADS, ServerSettings
 
 #: Each replica's KV cache, in bytes (never a fraction: node memory differs by machine).
 REPLICA_KV_CACHE_BYTES = 256 << 20
@@ -39,7 +40,8 @@ class VllmReplica:
         command[at + 1] = str(REPLICA_KV_CACHE_BYTES)
         # The dtype the suite was asked for (TTALIGN_DTYPE), as the in-process engine uses.
         command[command.index("--dtype") + 1] = resolve_dtype(ServerSettings().dtype)
-        return command
+        # ttalign's processor and routes, so the gateway serves adaptive_temperature.
+        return command + vllm_serve_flags(SHIPPED_TEMPERATURE_HEADS)
 
     def launch(self) -> None:
         """Start the process (its own process group, so killing it kills its engine too)."""

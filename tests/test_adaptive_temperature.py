@@ -4,6 +4,7 @@ over the scripted fake engine."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -74,7 +75,13 @@ from vllm.sampling_params import StructuredOutputsParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from tests.conftest import fake_settings
-from tests.fakes import TEMPERATURE_KEY, AdaptiveFakeEngine, FakeEngine, FakeReward
+from tests.fakes import (
+    TEMPERATURE_KEY,
+    AdaptiveFakeEngine,
+    FakeEngine,
+    FakeReward,
+    temperature_spec,
+)
 from tests.servers import serve_in_thread
 
 # --- LPO ---------------------------------------------------------------------------------------
@@ -596,7 +603,10 @@ def test_opted_in_requests_refuse_settings_that_touch_the_logits(settings, confl
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
-        ("entropy", "must be an object"),
+        ("entropy", "not valid JSON"),
+        ('"entropy"', "must be an object"),
+        (7, "must be an object"),
+        ('{"mode": "hot", "temperatures": [1.0]}', ".mode"),
         ({"mode": "hot", "temperatures": [1.0]}, ".mode"),
         ({"mode": "entropy"}, ".temperatures"),
         ({"mode": "entropy", "temperatures": []}, ".temperatures"),
@@ -690,14 +700,13 @@ async def test_example_level_probes_then_samples_at_the_chosen_temperature() -> 
     probe, reply = engine.calls
     assert probe.sampling.max_tokens == 1 and probe.sampling.n == 1
     assert probe.sampling.temperature == 1.0
-    assert probe.sampling.extra_args == {
-        TEMPERATURE_KEY: {
-            "mode": "learned",
-            "temperatures": [0.0, 0.5, 1.0],
-            "entropy_exponent": 1.0,
-            "head": "ex",
-            "choose": True,
-        }
+    assert list(probe.sampling.extra_args) == [TEMPERATURE_KEY]
+    assert temperature_spec(probe.sampling) == {
+        "mode": "learned",
+        "temperatures": [0.0, 0.5, 1.0],
+        "entropy_exponent": 1.0,
+        "head": "ex",
+        "choose": True,
     }
     assert reply.sampling.temperature == 0.5
     assert reply.sampling.n == 2 and reply.sampling.max_tokens == 8
@@ -721,7 +730,7 @@ async def test_example_level_probes_then_samples_at_the_chosen_temperature() -> 
 async def test_example_level_choice_indexes_the_requested_subset() -> None:
     engine = adaptive_engine(chosen_index=1)
     result = await run(make_ctx(engine), config(head="ex", temperatures=[0.0, 1.0]))
-    assert engine.calls[0].sampling.extra_args[TEMPERATURE_KEY]["temperatures"] == [0.0, 1.0]
+    assert temperature_spec(engine.calls[0].sampling)["temperatures"] == [0.0, 1.0]
     assert engine.calls[1].sampling.temperature == 1.0
     assert result.metadata["temperature"] == 1.0
 
@@ -729,7 +738,7 @@ async def test_example_level_choice_indexes_the_requested_subset() -> None:
 async def test_example_level_entropy_uses_the_default_set_without_a_head() -> None:
     engine = adaptive_engine(chosen_index=2)
     result = await run(make_ctx(engine), config(mode="entropy", entropy_exponent=2.0))
-    spec = engine.calls[0].sampling.extra_args[TEMPERATURE_KEY]
+    spec = temperature_spec(engine.calls[0].sampling)
     assert spec == {
         "mode": "entropy",
         "temperatures": list(DEFAULT_TEMPERATURES),
@@ -770,7 +779,7 @@ async def test_token_level_makes_one_recorded_call_per_choice() -> None:
     for call in calls:
         assert call.sampling.n == 1 and call.sampling.temperature == 1.0
         assert call.sampling.max_tokens == 8
-        spec = call.sampling.extra_args[TEMPERATURE_KEY]
+        spec = temperature_spec(call.sampling)
         assert {k: v for k, v in spec.items() if k != "record"} == {
             "mode": "learned",
             "temperatures": [0.2, 0.6, 1.0],
@@ -975,3 +984,10 @@ def test_api_refuses_with_an_openai_shaped_400(
     assert error["param"] == param
     assert error["message"]
     assert engine.calls == []
+
+
+def test_a_spec_flattened_to_json_parses_as_the_object() -> None:
+    spec = {"mode": "learned", "head": "h", "temperatures": [0, 1], "record": "k"}
+    flat = RowSpec.parse({EXTRA_ARGS_KEY: json.dumps(spec)})
+    assert flat == RowSpec.parse({EXTRA_ARGS_KEY: spec})
+    assert flat is not None and flat.head == "h" and flat.record == "k"

@@ -1,7 +1,8 @@
 """adaptive_temperature on the real engine, through the official openai client.
 
 The session server loads the heads shipped for the embedded SmolLM2 (engine/heads), so
-``learned`` runs the trained heads inside vLLM's sampler.
+``learned`` runs the trained heads inside vLLM's sampler. Under ``--fleet`` the tests marked
+``FLEET`` run through the gateway, on replicas started with ttalign's processor and routes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tests.servers import RunningServer, validated_chunks
 
 pytestmark = pytest.mark.real_engine
+#: Also served through the gateway (``--fleet``): the replicas run ttalign's processor. The
+#: tests that compare texts across calls stay in-process, where every call shares one engine.
+FLEET = pytest.mark.fleet
 
 MODEL = "smollm2"
 QUESTION = [{"role": "user", "content": "Write two sentences about a lighthouse keeper."}]
@@ -62,6 +66,7 @@ def alignment_of(chunks: list[ChatCompletionChunk]) -> dict[str, Any]:
     return found[0]
 
 
+@FLEET
 def test_the_shipped_heads_are_loaded(client: openai.OpenAI) -> None:
     reply = whole(client, {"level": "example", "mode": "learned"})
     alignment = reply.model_extra["alignment"]
@@ -70,6 +75,7 @@ def test_the_shipped_heads_are_loaded(client: openai.OpenAI) -> None:
     assert reply.model_extra["alignment"]["temperature_head"] == "smollm2-token"
 
 
+@FLEET
 @pytest.mark.parametrize("mode", ["learned", "entropy"])
 def test_example_level_picks_one_temperature_from_the_set(client: openai.OpenAI, mode: str) -> None:
     reply = whole(client, {"level": "example", "mode": mode})
@@ -84,6 +90,7 @@ def test_example_level_picks_one_temperature_from_the_set(client: openai.OpenAI,
     assert alignment["engine_calls"] == 2
 
 
+@FLEET
 def test_example_level_streams_tokens(client: openai.OpenAI) -> None:
     chunks = streamed(client, {"level": "example", "mode": "entropy"})
     pieces = [
@@ -94,6 +101,7 @@ def test_example_level_streams_tokens(client: openai.OpenAI) -> None:
     assert alignment["temperature"] in TEMPERATURES
 
 
+@FLEET
 @pytest.mark.parametrize("mode", ["learned", "entropy"])
 def test_token_level_traces_each_tokens_temperature(client: openai.OpenAI, mode: str) -> None:
     reply = whole(client, {"level": "token", "mode": mode})
@@ -109,6 +117,7 @@ def test_token_level_traces_each_tokens_temperature(client: openai.OpenAI, mode:
         assert len(set(per_token)) > 1, per_token
 
 
+@FLEET
 def test_token_level_streams_and_reports_the_histogram(client: openai.OpenAI) -> None:
     chunks = streamed(client, {"level": "token", "mode": "entropy"})
     pieces = [
@@ -120,6 +129,7 @@ def test_token_level_streams_and_reports_the_histogram(client: openai.OpenAI) ->
     assert len(per_token) == sum(alignment["temperature_histogram"].values()) > 0
 
 
+@FLEET
 def test_token_level_n_gives_each_choice_its_own_record(client: openai.OpenAI) -> None:
     reply = whole(client, {"level": "token", "mode": "entropy"}, n=2)
     choices = reply.model_extra["alignment"]["trace"]["choices"]
@@ -166,6 +176,7 @@ def test_a_request_that_did_not_opt_in_is_untouched_by_its_neighbours(
     assert beside == alone
 
 
+@FLEET
 @pytest.mark.parametrize(
     ("config", "extra", "param"),
     [

@@ -11,12 +11,15 @@ variables against :class:`ServerSettings`, and the reward file with the server's
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
 import re
 import shlex
 import subprocess
+import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
+from ttalign.engine.adaptive_replicas import HEADS_CONFIG_KEY, PROCESSOR_FQCN, ROUTES_MIDDLEWARE
 from ttalign.reward_clients.config import VllmPoolingConfig, read_reward_config
 from ttalign.server.model_prep import embedded_model_dir
 from ttalign.server.settings import ServerSettings
@@ -233,10 +237,25 @@ def cpuinfo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: folder / name for name in files}
 
 
+@functools.cache
+def python3_shim() -> Path:
+    """A folder whose ``python3`` runs the test's own interpreter."""
+    folder = Path(tempfile.mkdtemp(prefix="python3-shim-"))
+    shim = folder / "python3"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
+    return folder
+
+
 def run_entrypoint(
     env: Mapping[str, str], *args: str, cpuinfo: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {"PATH": os.environ["PATH"], **env, "REPLICA_DRY_RUN": "1"}
+    # python3 is this interpreter, which has ttalign as the image's has (the replica flags).
+    full_env = {
+        "PATH": f"{python3_shim()}{os.pathsep}{os.environ['PATH']}",
+        **env,
+        "REPLICA_DRY_RUN": "1",
+    }
     if cpuinfo is not None:
         full_env["REPLICA_CPUINFO"] = str(cpuinfo)
     return subprocess.run(
@@ -568,6 +587,14 @@ def test_replica_command_lines_are_valid_vllm_server_arguments(
     else:
         assert args.kv_cache_memory_bytes is None
         assert "--gpu-memory-utilization" in argv
+    # CPU policy replicas run ttalign's processor and routes (the gateway then serves
+    # adaptive_temperature); the stock GPU image has no ttalign to load.
+    adaptive = profile == "cpu" and role(name) == "policy"
+    assert (args.logits_processors == [PROCESSOR_FQCN]) is adaptive
+    assert (args.middleware == [ROUTES_MIDDLEWARE]) is adaptive
+    if adaptive:
+        heads = args.additional_config[HEADS_CONFIG_KEY]
+        assert sorted(heads) == ["smollm2-example", "smollm2-token"]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
