@@ -60,6 +60,30 @@ def wait_healthy(
     raise TimeoutError(f"server at {base_url} not healthy after {timeout} s{log_tail(log_path)}")
 
 
+def tcmalloc_path() -> str | None:
+    """The system's tcmalloc (``libtcmalloc_minimal``), which vLLM's CPU guide preloads."""
+    import ctypes.util
+
+    name = ctypes.util.find_library("tcmalloc_minimal")
+    if name is None:
+        return None
+    for folder in ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        candidate = Path(folder) / name
+        if candidate.exists():
+            return str(candidate)
+    return name
+
+
+def allocator_env(allocator: str) -> dict[str, str] | None:
+    """Environment that puts a server on ``allocator`` (``default``: no change)."""
+    if allocator == "default":
+        return None
+    path = tcmalloc_path()
+    if path is None:
+        raise SystemExit("tcmalloc is not installed (Debian: apt-get install libtcmalloc-minimal4)")
+    return {"LD_PRELOAD": path}
+
+
 @contextmanager
 def running_server(
     command: Sequence[str],

@@ -40,7 +40,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import psutil
-from ttalign.benchmarks.processes import free_port, running_server, ttalign_server_command
+from ttalign.benchmarks.processes import (
+    allocator_env,
+    free_port,
+    running_server,
+    ttalign_server_command,
+)
 from ttalign.server.model_prep import prepare_embedded_model
 
 RESULTS_DIR = Path(__file__).parent / "results" / "soak"
@@ -423,14 +428,16 @@ def _idle(health: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def soak_target(url: str | None, log_path: Path) -> Iterator[str]:
-    """The server under load: the one at ``url``, or a fresh ttalign subprocess."""
+def soak_target(url: str | None, log_path: Path, allocator: str = "default") -> Iterator[str]:
+    """The server under load: the one at ``url``, or a fresh ttalign subprocess (on
+    ``allocator``: glibc's ``default``, or ``tcmalloc`` preloaded as ``./run serve`` does)."""
     if url is not None:
         yield url.rstrip("/")
         return
     port = free_port()
     command = ttalign_server_command(str(prepare_embedded_model()), port, name=MODEL_NAME)
-    with running_server(command, port, log_path) as base_url:
+    env = allocator_env(allocator)
+    with running_server(command, port, log_path, env=env) as base_url:
         yield base_url
 
 
@@ -570,13 +577,19 @@ def main() -> None:
         help="how long the engine may take to go idle once the load stops",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--allocator",
+        choices=("default", "tcmalloc"),
+        default="default",
+        help="the server's memory allocator (tcmalloc: preloaded, as ./run serve does)",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="soak", help="file name of the results, no suffix")
     args = parser.parse_args()
 
     args.results_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(tempfile.mkdtemp(prefix="ttalign-soak-")) / "ttalign.log"
-    with soak_target(args.url, log_path) as base_url:
+    with soak_target(args.url, log_path, args.allocator) as base_url:
         report = asyncio.run(soak(args, base_url))
     if args.url is None:
         report["server_log"] = str(log_path)
