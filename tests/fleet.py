@@ -78,6 +78,10 @@ class VllmReplica:
         """The sum of metric ``name``'s samples on this replica's ``/metrics``."""
         return metric_sum(httpx.get(f"{self.url}/metrics", timeout=10).text, name)
 
+    def unfinished_requests(self) -> float:
+        """Requests this replica is running or has waiting, by its own gauges."""
+        return self.metric("vllm:num_requests_running") + self.metric("vllm:num_requests_waiting")
+
     def finished_requests(self) -> float:
         """Requests this replica generated to their end (a stop or the length limit).
 

@@ -45,6 +45,14 @@ def client_for(server: RunningServer, **options: Any) -> openai.OpenAI:
 
 
 def finished(replicas: list[VllmReplica]) -> list[float]:
+    """Each replica's finished requests, once no call of an earlier test is left on them
+    (a slow float32 replica may still be finishing one when a test starts)."""
+    wait_for(
+        lambda: all(r.unfinished_requests() == 0 for r in replicas),
+        120,
+        "replicas idle",
+        lambda: f"unfinished {[r.unfinished_requests() for r in replicas]}",
+    )
     return [r.finished_requests() for r in replicas]
 
 
