@@ -14,9 +14,9 @@ from typing import Any
 
 from ttalign.engine.base import TokenLogprob
 from ttalign.server.completion_protocol import CompletionRequest
-from ttalign.server.errors import APIError, InvalidRequestError
+from ttalign.server.errors import InvalidRequestError
 from ttalign.server.responses import DONE_FRAME, ResponseHeader, sse
-from ttalign.server.serving import ChatCompletionService, PreparedRequest
+from ttalign.server.serving import ChatCompletionService, PreparedRequest, client_error
 from ttalign.strategies.base import ChoiceResult, DeltaEvent, ProgressEvent, StrategyResult
 from ttalign.strategies.merging import merge_tagged
 
@@ -150,8 +150,8 @@ class TextCompletionService:
             if include_usage:
                 tail["usage"] = await self._usage(runs, done)
             yield sse(header.chunk([], **tail))
-        except APIError as error:
-            yield sse(error.body())
+        except Exception as exc:  # the strategy's (already API errors) or shaping the tail's
+            yield sse(client_error(exc).body())
         yield DONE_FRAME
 
     async def _usage(self, runs: list[PreparedRequest], results: list[StrategyResult]):

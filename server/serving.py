@@ -390,7 +390,7 @@ class ChatCompletionService:
                 self._record_overhead(prepared, scope)
             return result
         except Exception as exc:
-            error = _client_error(exc)
+            error = client_error(exc)
             status = error.status_code
             raise error from exc
         except BaseException:
@@ -423,7 +423,7 @@ class ChatCompletionService:
                         self._record_overhead(prepared, scope)
                     yield event
             except Exception as exc:
-                error = _client_error(exc)
+                error = client_error(exc)
                 status = error.status_code
                 raise error from exc
             except BaseException:
@@ -481,8 +481,8 @@ class ChatCompletionService:
                         if include_usage:
                             tail["usage"] = await self.response_usage(prepared, result)
                         yield sse(header.chunk([], **tail))
-        except APIError as error:
-            yield sse(error.body())
+        except Exception as exc:  # the strategy's (already API errors) or shaping the tail's
+            yield sse(client_error(exc).body())
         yield DONE_FRAME
 
     def _final_answer_frames(
@@ -661,7 +661,8 @@ def _check_completes_raw_prompts(strategy: Strategy[Any]) -> None:
         )
 
 
-def _client_error(exc: BaseException) -> APIError:
+def client_error(exc: BaseException) -> APIError:
+    """The API error a failure is answered with (an API error is its own)."""
     if isinstance(exc, EngineRequestError):
         return InvalidRequestError(str(exc), param=exc.param or "messages", code="invalid_value")
     return to_api_error(exc)
