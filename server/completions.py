@@ -74,11 +74,22 @@ class TextCompletionService:
                 param="echo",
             )
         header = ResponseHeader.text_completion(self.chat.engine.model_name)
-        texts = [p if isinstance(p, str) else await self.chat.engine.decode(p) for p in prompts]
+        texts = [p if isinstance(p, str) else await self._decode(p) for p in prompts]
         return [
             self.chat.prepare(request, affinity_key, completion=(text, prompt), header=header)
             for text, prompt in zip(texts, prompts, strict=True)
         ]
+
+    async def _decode(self, token_ids: list[int]) -> str:
+        """A token-id prompt's text (for reward clients and echo); 400 for ids the model's
+        tokenizer cannot decode."""
+        try:
+            return await self.chat.engine.decode(token_ids)
+        except (ValueError, TypeError, OverflowError, IndexError, KeyError) as exc:
+            raise InvalidRequestError(
+                f"prompt holds token ids this model's tokenizer cannot decode ({exc}).",
+                param="prompt",
+            ) from None
 
     async def complete(self, runs: list[PreparedRequest]) -> dict[str, Any]:
         """Run every prompt (concurrently) to the JSON response."""

@@ -1,6 +1,7 @@
 """The OpenAPI document: what FastAPI cannot see for itself.
 
-``POST /v1/chat/completions`` and ``POST /v1/rewards/score`` read their raw bodies (it is
+``POST /v1/chat/completions``, ``POST /v1/completions`` and ``POST /v1/rewards/score`` read
+their raw bodies (it is
 faster, and every parse failure becomes an OpenAI-shaped 400), so FastAPI finds no request
 model to document. :func:`install_openapi` adds their request bodies and the error shape to
 ``/openapi.json``, generated from the pydantic models when the document is first asked
@@ -16,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
+from ttalign.server.completion_protocol import CompletionRequest
 from ttalign.server.protocol import ChatCompletionRequest, ScoreRequest
 
 #: Where pydantic's ``$defs`` go in an OpenAPI document.
@@ -51,6 +53,12 @@ RAW_BODY_ROUTES = (
     RawBodyRoute(
         "/v1/chat/completions",
         ChatCompletionRequest,
+        (400, 404, 413, 429, 500, 502, 503),
+        stream_media_type="text/event-stream",
+    ),
+    RawBodyRoute(
+        "/v1/completions",
+        CompletionRequest,
         (400, 404, 413, 429, 500, 502, 503),
         stream_media_type="text/event-stream",
     ),

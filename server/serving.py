@@ -390,7 +390,7 @@ class ChatCompletionService:
                 self._record_overhead(prepared, scope)
             return result
         except Exception as exc:
-            error = client_error(exc)
+            error = client_error(exc, prompt_param(prepared))
             status = error.status_code
             raise error from exc
         except BaseException:
@@ -423,7 +423,7 @@ class ChatCompletionService:
                         self._record_overhead(prepared, scope)
                     yield event
             except Exception as exc:
-                error = client_error(exc)
+                error = client_error(exc, prompt_param(prepared))
                 status = error.status_code
                 raise error from exc
             except BaseException:
@@ -661,8 +661,14 @@ def _check_completes_raw_prompts(strategy: Strategy[Any]) -> None:
         )
 
 
-def client_error(exc: BaseException) -> APIError:
-    """The API error a failure is answered with (an API error is its own)."""
+def prompt_param(prepared: PreparedRequest) -> str:
+    """The request field holding its prompt: ``prompt`` on /v1/completions, else ``messages``."""
+    return "messages" if prepared.context.request.raw_prompt is None else "prompt"
+
+
+def client_error(exc: BaseException, prompt_field: str = "messages") -> APIError:
+    """The API error a failure is answered with (an API error is its own). An engine's
+    refusal that names no parameter is blamed on the prompt, in ``prompt_field``."""
     if isinstance(exc, EngineRequestError):
-        return InvalidRequestError(str(exc), param=exc.param or "messages", code="invalid_value")
+        return InvalidRequestError(str(exc), param=exc.param or prompt_field, code="invalid_value")
     return to_api_error(exc)

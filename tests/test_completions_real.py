@@ -99,3 +99,10 @@ def test_vllm_bench_serve_default_backend(real_server: RunningServer, tmp_path: 
     assert result["backend"] == "openai"
     assert result["completed"] == 4 and result["failed"] == 0
     assert result["total_output_tokens"] == 4 * 8
+
+
+@pytest.mark.parametrize("ids", [[1, 10**6], [2**40]])
+def test_token_ids_outside_the_vocabulary_are_400s(client: openai.OpenAI, ids: list[int]) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=ids, max_tokens=2)
+    assert caught.value.body["param"] == "prompt"
