@@ -12,12 +12,18 @@ after a random delay) and about 10 % are malformed (a rotating set that must be 
 with a 4xx).
 
 It records status counts, the body of every 5xx, p50/p99 latency per strategy (successful
-requests), the server's resident memory (the server process and its engine children) after
-a warm-up and at the end, and the engine's unfinished requests once the load has stopped
-and a short settle period has passed. Results go to ``benchmarks/results/soak/`` as JSON and
-a markdown table. The exit status is 1 when a goal is missed: any 5xx, a request left
-unanswered (dropped connection or client timeout), a malformed request not refused with a
-4xx, resident memory growing more than 10 %, or engine work left unfinished.
+requests), the output tokens per second of a fixed batch of plain requests sent after the
+warm-up and again after the load (the throughput probe), the server's resident memory (the
+server process and its engine children) after a warm-up and at the end, and the engine's
+unfinished requests once the load has stopped and a short settle period has passed. Results
+go to ``benchmarks/results/soak/`` as JSON and a markdown table. The exit status is 1 when a
+goal is missed: any 5xx, a request left unanswered (dropped connection or client timeout), a
+malformed request not refused with a 4xx, resident memory growing more than 10 %, or engine
+work left unfinished.
+
+``--allocator default tcmalloc`` soaks a fresh server on each allocator in turn, with the
+same seed, and writes a comparison: RSS growth, and the probe's throughput and the requests
+answered per minute as ratios against the first allocator.
 """
 
 from __future__ import annotations
@@ -54,6 +60,12 @@ MAX_RSS_GROWTH = 0.10
 #: Distinct server error bodies kept in the results (all are counted).
 KEPT_ERROR_BODIES = 20
 RSS_SAMPLE_SECONDS = 10.0
+#: How long a client waits for an answer before counting the request as unanswered.
+CLIENT_TIMEOUT_SECONDS = 600.0
+#: The throughput probe: plain requests of a fixed length, sent before and after the load.
+PROBE_REQUESTS = 24
+PROBE_CONCURRENCY = 8
+PROBE_MAX_TOKENS = 48
 #: Error types that a stream reports for what would have been a 5xx.
 SERVER_ERROR_TYPES = {"internal_server_error", "upstream_error", "service_unavailable_error"}
 
@@ -74,6 +86,10 @@ JUDGE_SHARE = 0.2
 SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "best_of_n": {"n": 3},
     "tpo": {"depth": 1, "width": 2, "max_tokens": {"loss": 24, "gradient": 24}},
+    # The searches' defaults take minutes per request on two cores under this load; a soak
+    # wants many requests through the server, not a few long ones.
+    "rain": {"max_iterations": 8},
+    "darwin": {"cycles": 1, "mutations": 2},
 }
 MAX_TOKENS = {"none": 32}
 DEFAULT_MAX_TOKENS = 16
@@ -323,7 +339,9 @@ async def run_load(
     tally = Tally()
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS, limits=limits
+    ) as client:
 
         async def worker() -> None:
             while time.monotonic() < deadline:
@@ -341,9 +359,34 @@ async def run_load(
 async def warm_up(base_url: str, workload: Workload) -> None:
     """Send every variant once, so that first-use allocations are not counted as growth."""
     tally = Tally()
-    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS) as client:
         for variant in workload.variants:
             await send(client, workload.well_formed(variant), workload.rng, tally)
+
+
+async def probe_throughput(base_url: str, model: str) -> float:
+    """Output tokens per second of a fixed batch of plain requests (``ignore_eos``, so every
+    request generates exactly ``PROBE_MAX_TOKENS``): the same work before and after the load,
+    and under each allocator."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPTS[0]}],
+        "max_tokens": PROBE_MAX_TOKENS,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    gate = asyncio.Semaphore(PROBE_CONCURRENCY)
+    async with httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_SECONDS) as client:
+
+        async def one() -> int:
+            async with gate:
+                response = await client.post("/v1/chat/completions", json=body)
+                response.raise_for_status()
+                return int(response.json()["usage"]["completion_tokens"])
+
+        started = time.monotonic()
+        tokens = await asyncio.gather(*(one() for _ in range(PROBE_REQUESTS)))
+    return sum(tokens) / (time.monotonic() - started)
 
 
 # --- the server ----------------------------------------------------------------------------
@@ -470,6 +513,7 @@ def summarize(
         "requests": sum(tally.statuses.values()),
         "statuses": dict(sorted(tally.statuses.items())),
         "disconnects": tally.statuses["disconnected"],
+        "answered_per_minute": tally.statuses["200"] / args.minutes,
         "latency_seconds": {
             label: {
                 "count": len(values),
@@ -500,6 +544,7 @@ def markdown(report: dict[str, Any]) -> str:
         return "–" if value is None else f"{value / 2**20:.0f} MiB"
 
     rss = report["rss_bytes"]
+    probe = report["probe_output_tokens_per_second"]
     growth = "–" if rss["growth"] is None else f"{rss['growth'] * 100:+.1f} %"
     lines = [
         f"# Soak: {report['minutes']} min at concurrency {report['concurrency']}",
@@ -518,6 +563,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Server RSS (server and engine processes): {mib(rss['start'])} after warm-up, "
         f"{mib(rss['end'])} at the end ({growth}).",
+        f"Throughput probe ({PROBE_REQUESTS} plain requests of {PROBE_MAX_TOKENS} tokens at "
+        f"concurrency {PROBE_CONCURRENCY}): {probe['start']:.1f} output tok/s after warm-up, "
+        f"{probe['end']:.1f} after the load; {report['answered_per_minute']:.1f} requests "
+        "answered per minute during the load.",
         f"Engine unfinished requests {report['settle_seconds']} s after the load: "
         f"{report['engine_unfinished_requests_at_end']}.",
         "",
@@ -546,6 +595,7 @@ async def soak(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
     memory = ServerMemory(args.pid or listening_pid(base_url))
     memory.mark("before_warm_up")
     await warm_up(base_url, workload)
+    probe_start = await probe_throughput(base_url, model)
     memory.mark("start")
     tally = await run_load(
         base_url,
@@ -555,7 +605,10 @@ async def soak(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
         memory=memory,
     )
     health, settle_seconds = await settle(base_url, args.settle_seconds)
-    return summarize(args, tally, memory, health, settle_seconds)
+    probe_end = await probe_throughput(base_url, model)
+    report = summarize(args, tally, memory, health, settle_seconds)
+    report["probe_output_tokens_per_second"] = {"start": probe_start, "end": probe_end}
+    return report
 
 
 def main() -> None:
@@ -580,27 +633,94 @@ def main() -> None:
     parser.add_argument(
         "--allocator",
         choices=("default", "tcmalloc"),
-        default="default",
-        help="the server's memory allocator (tcmalloc: preloaded, as ./run serve does)",
+        nargs="+",
+        default=["default"],
+        help="the server's memory allocator (tcmalloc: preloaded, as ./run serve does); "
+        "name both to soak one server on each in turn and compare them",
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="soak", help="file name of the results, no suffix")
     args = parser.parse_args()
+    if args.url is not None and len(args.allocator) > 1:
+        parser.error("--url loads one running server; it cannot compare allocators")
 
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    log_path = Path(tempfile.mkdtemp(prefix="ttalign-soak-")) / "ttalign.log"
-    with soak_target(args.url, log_path, args.allocator) as base_url:
-        report = asyncio.run(soak(args, base_url))
-    if args.url is None:
-        report["server_log"] = str(log_path)
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (args.results_dir / f"{args.name}.md").write_text(table)
-    print(table)
-    missed = [goal for goal, met in report["goals"].items() if not met]
+    reports = {}
+    for allocator in args.allocator:
+        name = args.name if len(args.allocator) == 1 else f"{args.name}-{allocator}"
+        reports[allocator] = soak_one(args, allocator, name)
+    if len(reports) > 1:
+        write_comparison(args, reports)
+    missed = [
+        f"{allocator}: {goal}"
+        for allocator, report in reports.items()
+        for goal, met in report["goals"].items()
+        if not met
+    ]
     if missed:
         print(f"missed goals: {', '.join(missed)}", file=sys.stderr)
         sys.exit(1)
+
+
+def soak_one(args: argparse.Namespace, allocator: str, name: str) -> dict[str, Any]:
+    """Soak one server on ``allocator``; write and return its report."""
+    log_path = Path(tempfile.mkdtemp(prefix="ttalign-soak-")) / "ttalign.log"
+    with soak_target(args.url, log_path, allocator) as base_url:
+        report = asyncio.run(soak(args, base_url))
+    report["allocator"] = allocator
+    if args.url is None:
+        report["server_log"] = str(log_path)
+    (args.results_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (args.results_dir / f"{name}.md").write_text(table)
+    print(table)
+    return report
+
+
+def write_comparison(args: argparse.Namespace, reports: dict[str, dict[str, Any]]) -> None:
+    """RSS growth and throughput of each allocator, as ratios against the first one."""
+    base_name, base = next(iter(reports.items()))
+
+    def probe(report: dict[str, Any]) -> float:
+        # Both probes, so that a server that slowed down during the load counts against it.
+        figures = report["probe_output_tokens_per_second"]
+        return (figures["start"] + figures["end"]) / 2
+
+    rows = {
+        allocator: {
+            "rss_growth": report["rss_bytes"]["growth"],
+            "probe_output_tokens_per_second": probe(report),
+            "probe_ratio": probe(report) / probe(base),
+            "answered_per_minute": report["answered_per_minute"],
+            "answered_ratio": report["answered_per_minute"] / base["answered_per_minute"],
+            "server_errors": report["server_error_count"],
+        }
+        for allocator, report in reports.items()
+    }
+    comparison = {"command": " ".join(["python -m ttalign.benchmarks.soak", *sys.argv[1:]])}
+    comparison["baseline"] = base_name
+    comparison["allocators"] = rows
+    (args.results_dir / f"{args.name}-comparison.json").write_text(
+        json.dumps(comparison, indent=2) + "\n"
+    )
+    lines = [
+        f"# Allocators side by side: {args.minutes} min soaks at concurrency {args.concurrency}",
+        "",
+        f"Command: `{comparison['command']}`. Ratios are against `{base_name}`.",
+        "",
+        "| allocator | RSS growth | probe tok/s | probe ratio | answered/min | ratio | 5xx |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for allocator, row in rows.items():
+        lines.append(
+            f"| {allocator} | {row['rss_growth'] * 100:+.1f} % "
+            f"| {row['probe_output_tokens_per_second']:.1f} | {row['probe_ratio']:.3f} "
+            f"| {row['answered_per_minute']:.1f} | {row['answered_ratio']:.3f} "
+            f"| {row['server_errors']} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (args.results_dir / f"{args.name}-comparison.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
