@@ -15,7 +15,7 @@ from ttalign.engine.base import (
     Prompt,
     SamplingSettings,
 )
-from ttalign.engine.routing import current_routing
+from ttalign.engine.routing import current_routing, noting_call
 from ttalign.engine.timeline import CallTimeline
 
 
@@ -89,12 +89,19 @@ class MeteredEngine:
             generation = await self._engine.generate(prompt, sampling)
         else:
             record = timeline.engine_call(prompt, sampling)
-            try:
-                generation = await self._engine.generate(prompt, sampling)
-            except BaseException:
-                timeline.finish_engine(record, 0, 0, aborted=True)
-                raise
-            timeline.finish_engine(record, generation.prompt_tokens, generation.completion_tokens)
+            with noting_call() as note:
+                try:
+                    generation = await self._engine.generate(prompt, sampling)
+                except BaseException:
+                    timeline.finish_engine(record, 0, 0, aborted=True, replica=note.replica)
+                    raise
+            timeline.finish_engine(
+                record,
+                generation.prompt_tokens,
+                generation.completion_tokens,
+                finish_reasons=[c.finish_reason for c in generation.completions],
+                replica=note.replica,
+            )
         self.usage.prompt_tokens += generation.prompt_tokens
         self.usage.completion_tokens += generation.completion_tokens
         return generation
@@ -107,25 +114,34 @@ class MeteredEngine:
         record = None if timeline is None else timeline.engine_call(prompt, sampling)
         prompt_tokens = completion_tokens = 0
         counted_prompt = finished = False
-        try:
-            # Closing this stream closes the engine's at once (which aborts its request),
-            # rather than whenever the garbage collector finalizes it.
-            async with aclosing(self._engine.stream(prompt, sampling)) as deltas:
-                async for delta in deltas:
-                    if not counted_prompt:
-                        prompt_tokens = delta.prompt_tokens
-                        self.usage.prompt_tokens += prompt_tokens
-                        counted_prompt = True
-                    completion_tokens += delta.num_tokens
-                    self.usage.completion_tokens += delta.num_tokens
-                    yield delta
-            finished = True
-        finally:
-            if timeline is not None and record is not None:
-                # Noted once the engine's stream has closed: an abort ends the call too.
-                timeline.finish_engine(
-                    record, prompt_tokens, completion_tokens, aborted=not finished
-                )
+        finish_reasons: dict[int, str] = {}
+        with noting_call() as note:
+            try:
+                # Closing this stream closes the engine's at once (which aborts its request),
+                # rather than whenever the garbage collector finalizes it.
+                async with aclosing(self._engine.stream(prompt, sampling)) as deltas:
+                    async for delta in deltas:
+                        if not counted_prompt:
+                            prompt_tokens = delta.prompt_tokens
+                            self.usage.prompt_tokens += prompt_tokens
+                            counted_prompt = True
+                        completion_tokens += delta.num_tokens
+                        self.usage.completion_tokens += delta.num_tokens
+                        if delta.finish_reason is not None:
+                            finish_reasons[delta.index] = delta.finish_reason
+                        yield delta
+                finished = True
+            finally:
+                if timeline is not None and record is not None:
+                    # Noted once the engine's stream has closed: an abort ends the call too.
+                    timeline.finish_engine(
+                        record,
+                        prompt_tokens,
+                        completion_tokens,
+                        aborted=not finished,
+                        finish_reasons=[finish_reasons[i] for i in sorted(finish_reasons)],
+                        replica=note.replica,
+                    )
 
     async def health(self) -> EngineHealth:
         return await self._engine.health()

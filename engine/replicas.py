@@ -39,7 +39,12 @@ from contextlib import aclosing
 from typing import Literal, TypeVar
 
 import httpx
-from ttalign.engine.routing import RequestRouting, current_routing, upstream_call
+from ttalign.engine.routing import (
+    RequestRouting,
+    current_routing,
+    note_replica,
+    upstream_call,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -204,14 +209,17 @@ class ReplicaPool:
         for _ in range(self.retries + 1):
             replica = self._choose(key, tried)
             tried.add(replica.url)
-            yield replica, self._headers(session)
+            note_replica(replica.url)
+            yield replica, self._headers(session, routing)
 
-    def _headers(self, session: str) -> dict[str, str]:
+    def _headers(self, session: str, routing: RequestRouting | None) -> dict[str, str]:
         # A fresh request id per attempt: a retry may reach a replica that still holds
         # the failed attempt.
         headers = {"X-Request-Id": f"{session}-{uuid.uuid4().hex[:8]}"}
         if self.session_header:
             headers[self.session_header] = session
+        if routing is not None:
+            headers.update(routing.trace_headers)
         return headers
 
     def _choose(self, key: str | None, tried: set[str]) -> Replica:

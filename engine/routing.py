@@ -37,6 +37,9 @@ class RequestRouting:
     #: Where reward clients meter the engine calls they make for this request (a
     #: :class:`~ttalign.engine.metering.ScoringMeter`; ``None``: not metered).
     scoring_meter: Any = None
+    #: W3C trace-context headers every upstream call of the request carries, so that a
+    #: replica's own spans join the request's trace.
+    trace_headers: dict[str, str] = field(default_factory=dict)
 
     def on_exit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when the request's scope closes (e.g. to release a pin)."""
@@ -96,3 +99,33 @@ def upstream_call() -> Iterator[None]:
         return
     with routing.upstream_call():
         yield
+
+
+@dataclass
+class CallNote:
+    """What the engine noted about one call: the replica that answered it."""
+
+    replica: str | None = None
+
+
+_call_note: ContextVar[CallNote | None] = ContextVar("ttalign_call_note", default=None)
+
+
+@contextmanager
+def noting_call() -> Iterator[CallNote]:
+    """Collect what the engine notes about the call made inside the block."""
+    note = CallNote()
+    token = _call_note.set(note)
+    try:
+        yield note
+    finally:
+        # A stream finalized from another context cannot reset the variable there.
+        with suppress(ValueError):
+            _call_note.reset(token)
+
+
+def note_replica(url: str) -> None:
+    """Record that ``url`` is answering the current call (a no-op when nobody asks)."""
+    note = _call_note.get()
+    if note is not None:
+        note.replica = url

@@ -42,6 +42,10 @@ class EngineCallRecord:
     completion_tokens: int = 0
     #: Cancelled, failed, or closed before the engine finished it.
     aborted: bool = False
+    #: Each completion's finish reason (``stop``, ``length``, ...), in index order.
+    finish_reasons: list[str] = field(default_factory=list)
+    #: The fleet replica that answered (gateway mode); ``None`` for the in-process engine.
+    replica: str | None = None
 
     def export(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -57,7 +61,10 @@ class EngineCallRecord:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "aborted": self.aborted,
+            "finish_reasons": self.finish_reasons,
         }
+        if self.replica is not None:
+            entry["replica"] = self.replica
         if self.prompt_token_ids is not None:
             entry["prompt_token_ids"] = self.prompt_token_ids
         if self.prompt_text is not None:
@@ -94,14 +101,21 @@ class CallTimeline:
     record_prompts: bool = False
     clock: Callable[[], float] = time.monotonic
     origin: float = field(init=False)
+    #: The wall-clock time of :attr:`origin`, in nanoseconds since the epoch.
+    wall_origin_ns: int = field(init=False)
     _calls: list[EngineCallRecord | RewardCallRecord] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.origin = self.clock()
+        self.wall_origin_ns = time.time_ns()
 
     def now(self) -> float:
         """Seconds since the timeline was created."""
         return self.clock() - self.origin
+
+    def wall_ns(self, offset: float) -> int:
+        """The wall-clock time, in nanoseconds since the epoch, of an offset on this timeline."""
+        return self.wall_origin_ns + round(offset * 1e9)
 
     def engine_call(self, prompt: Prompt, sampling: SamplingSettings) -> EngineCallRecord:
         """Note an engine call starting now; the caller ends it with :meth:`finish_engine`."""
@@ -129,11 +143,15 @@ class CallTimeline:
         completion_tokens: int,
         *,
         aborted: bool = False,
+        finish_reasons: list[str] | None = None,
+        replica: str | None = None,
     ) -> None:
         record.end = self.now()
         record.prompt_tokens = prompt_tokens
         record.completion_tokens = completion_tokens
         record.aborted = aborted
+        record.finish_reasons = finish_reasons or []
+        record.replica = replica
 
     def reward_call(self, reward: str, candidates: int, *, partial: bool) -> RewardCallRecord:
         """Note a reward call starting now; the caller ends it with :meth:`finish_reward`."""
@@ -144,6 +162,10 @@ class CallTimeline:
     def finish_reward(self, record: RewardCallRecord) -> None:
         record.end = self.now()
 
+    def calls(self) -> list[EngineCallRecord | RewardCallRecord]:
+        """Every call noted so far, ordered by start (a running call has ``end = None``)."""
+        return sorted(self._calls, key=lambda call: call.start)
+
     def export(self) -> list[dict[str, Any]]:
         """Every call as a JSON-able dict, ordered by start (a running call has ``end: None``)."""
-        return [call.export() for call in sorted(self._calls, key=lambda call: call.start)]
+        return [call.export() for call in self.calls()]

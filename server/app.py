@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ttalign.engine.base import EngineClient
 from ttalign.reward_clients.config import load_reward_registry, read_reward_config
@@ -40,6 +41,7 @@ from ttalign.server.serving import (
     parse_request,
 )
 from ttalign.server.settings import ServerSettings
+from ttalign.server.tracing import RequestTracing, build_request_tracing, trace_headers
 from ttalign.strategies import all_strategies
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ logger = logging.getLogger(__name__)
 EngineFactory = Callable[[ServerSettings], EngineClient | Awaitable[EngineClient]]
 RewardFactory = Callable[[ServerSettings, EngineClient, Metrics], RewardRegistry]
 EmbedderFactory = Callable[[ServerSettings], Embedder | None]
+TracingFactory = Callable[[ServerSettings], RequestTracing | None]
 
 RunT = TypeVar("RunT")
 
@@ -65,12 +68,17 @@ def default_embedder(settings: ServerSettings) -> Embedder | None:
     return build_embedder(settings.embedding_model)
 
 
+def default_tracing(settings: ServerSettings) -> RequestTracing | None:
+    return build_request_tracing(settings.otlp_traces_endpoint)
+
+
 def create_app(
     settings: ServerSettings,
     *,
     engine_factory: EngineFactory = build_engine,
     reward_factory: RewardFactory = default_rewards,
     embedder_factory: EmbedderFactory = default_embedder,
+    tracing_factory: TracingFactory = default_tracing,
 ) -> FastAPI:
     """The ttalign app. The factories exist so tests can inject fakes.
 
@@ -86,6 +94,7 @@ def create_app(
         read_reward_config(settings.reward_config, settings.default_reward)
     # Finds the model folder now; its weights load on the first embedding.
     embedder = embedder_factory(settings)
+    tracing = tracing_factory(settings)  # a bad exporter protocol fails here, at start
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +111,8 @@ def create_app(
             )
             if embedder is not None:
                 cleanup.push_async_callback(embedder.close)
+            if tracing is not None:
+                cleanup.callback(tracing.shutdown)
             if settings.warmup:
                 await warm_up(engine)
             admission = Admission(settings.max_concurrent_requests, settings.retry_after_seconds)
@@ -110,7 +121,9 @@ def create_app(
             app.state.engine = engine
             app.state.admission = admission
             app.state.embedder = embedder
-            app.state.service = ChatCompletionService(engine, settings, metrics, rewards, embedder)
+            app.state.service = ChatCompletionService(
+                engine, settings, metrics, rewards, embedder, tracing
+            )
             app.state.text_service = TextCompletionService(app.state.service)
             app.state.scorer = ScoreService(
                 rewards, admission, metrics, max_candidates=settings.max_candidates
@@ -157,8 +170,12 @@ def _install_routes(app: FastAPI) -> None:
     async def chat_completions(request: Request) -> Response:
         service: ChatCompletionService = request.app.state.service
 
-        async def prepare(body: bytes, session: str | None) -> PreparedRequest:
-            return service.prepare(parse_request(body), session)
+        async def prepare(body: bytes, headers: Headers) -> PreparedRequest:
+            return service.prepare(
+                parse_request(body),
+                headers.get(service.settings.session_header),
+                client_trace=trace_headers(headers),
+            )
 
         return await _serve(request, prepare, service.complete, service.stream, lambda r: r)
 
@@ -166,8 +183,12 @@ def _install_routes(app: FastAPI) -> None:
     async def completions(request: Request) -> Response:
         service: TextCompletionService = request.app.state.text_service
 
-        async def prepare(body: bytes, session: str | None) -> list[PreparedRequest]:
-            return await service.prepare(parse_body(body, CompletionRequest), session)
+        async def prepare(body: bytes, headers: Headers) -> list[PreparedRequest]:
+            return await service.prepare(
+                parse_body(body, CompletionRequest),
+                headers.get(service.settings.session_header),
+                client_trace=trace_headers(headers),
+            )
 
         return await _serve(request, prepare, service.complete, service.stream, lambda r: r[0])
 
@@ -232,7 +253,7 @@ def _install_routes(app: FastAPI) -> None:
 
 async def _serve(
     request: Request,
-    prepare: Callable[[bytes, str | None], Awaitable[RunT]],
+    prepare: Callable[[bytes, Headers], Awaitable[RunT]],
     complete: Callable[[RunT], Awaitable[dict[str, Any]]],
     stream: Callable[[RunT], AsyncIterator[str]],
     first: Callable[[RunT], PreparedRequest],
@@ -245,10 +266,10 @@ async def _serve(
     admission: Admission = request.app.state.admission
     body = await request.body()
     try:
-        run = await prepare(body, request.headers.get(service.settings.session_header))
+        run = await prepare(body, request.headers)
         admission.acquire()
     except APIError as exc:
-        service.record_refusal(_named_strategy(body), exc)
+        service.record_refusal(_named_strategy(body), exc, trace_headers(request.headers))
         raise
     prepared = first(run)
     if prepared.request.stream:

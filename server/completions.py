@@ -8,7 +8,7 @@ own strategy run, budget and metrics), with the prompt sent to the engine as it 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -56,7 +56,11 @@ class TextCompletionService:
         self.settings = chat.settings
 
     async def prepare(
-        self, request: CompletionRequest, affinity_key: str | None = None
+        self,
+        request: CompletionRequest,
+        affinity_key: str | None = None,
+        *,
+        client_trace: Mapping[str, str] | None = None,
     ) -> list[PreparedRequest]:
         """Validate the request and prepare one run per prompt (400s name the param)."""
         prompts = request.prompts()
@@ -76,7 +80,13 @@ class TextCompletionService:
         header = ResponseHeader.text_completion(self.chat.engine.model_name)
         texts = [p if isinstance(p, str) else await self._decode(p) for p in prompts]
         return [
-            self.chat.prepare(request, affinity_key, completion=(text, prompt), header=header)
+            self.chat.prepare(
+                request,
+                affinity_key,
+                completion=(text, prompt),
+                header=header,
+                client_trace=client_trace,
+            )
             for text, prompt in zip(texts, prompts, strict=True)
         ]
 

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ from ttalign.server.metrics import Metrics
 from ttalign.server.protocol import ChatCompletionRequest, ResponseFormat, SamplingRequest
 from ttalign.server.responses import DONE_FRAME, ResponseHeader, delta_choice, sse, usage
 from ttalign.server.settings import ServerSettings
+from ttalign.server.tracing import RequestTracing
 from ttalign.strategies import all_strategies, get_strategy, strategy_names
 from ttalign.strategies.base import (
     AlignmentRequest,
@@ -80,6 +81,10 @@ class PreparedRequest:
     #: What a remote engine routes the request's calls by (the client's session header,
     #: else the response id).
     affinity_key: str = ""
+    #: The client's W3C trace-context headers (``traceparent``, ``tracestate``).
+    client_trace: Mapping[str, str] = field(default_factory=dict)
+    #: The request's OpenTelemetry span while it runs (tracing on).
+    span: Any = None
 
 
 def scoring_meter(prepared: PreparedRequest) -> ScoringMeter:
@@ -194,6 +199,7 @@ class ChatCompletionService:
         metrics: Metrics,
         rewards: RewardRegistry,
         embedder: Any = None,
+        tracing: RequestTracing | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
@@ -204,6 +210,8 @@ class ChatCompletionService:
         self.prompt_overrides = load_prompt_overrides(settings.prompt_overrides)
         #: Whether the engine is a fleet behind this server (then its overhead is measured).
         self.gateway = settings.engine == "remote"
+        #: Exports a span per request (``None``: tracing is off).
+        self.tracing = tracing
 
     # --- validation -------------------------------------------------------------------------
 
@@ -214,13 +222,15 @@ class ChatCompletionService:
         *,
         completion: tuple[str, Prompt] | None = None,
         header: ResponseHeader | None = None,
+        client_trace: Mapping[str, str] | None = None,
     ) -> PreparedRequest:
         """Check the request against server policy and build its strategy context.
 
         ``affinity_key`` (the client's session header) keeps a conversation's requests on
         one replica in remote mode; without it each request is its own key. A
         ``/v1/completions`` request passes ``completion``: one prompt's text and the prompt
-        as the engine gets it (that text, or token ids).
+        as the engine gets it (that text, or token ids). ``client_trace`` holds the
+        client's W3C trace-context headers.
         """
         started = time.monotonic()
         if request.model != self.engine.model_name:
@@ -249,7 +259,7 @@ class ChatCompletionService:
         ]
         timeline = (
             CallTimeline(record_prompts=self.settings.trace_engine_prompts)
-            if request.return_trace
+            if request.return_trace or self.tracing is not None
             else None
         )
         context = StrategyContext(
@@ -270,7 +280,7 @@ class ChatCompletionService:
         header = header or ResponseHeader(self.engine.model_name)
         return PreparedRequest(
             request, strategy, config, context, header, started, timeline,
-            affinity_key=affinity_key or header.id,
+            affinity_key=affinity_key or header.id, client_trace=dict(client_trace or {}),
         )  # fmt: skip
 
     def _strategy(self, name: str | None) -> Strategy[Any]:
@@ -386,6 +396,7 @@ class ChatCompletionService:
         try:
             with request_routing(prepared.affinity_key) as scope:
                 scope.scoring_meter = scoring_meter(prepared)
+                scope.trace_headers = self._start_span(prepared)
                 result = await prepared.strategy.run(prepared.context, prepared.config)
                 self._record_overhead(prepared, scope)
             return result
@@ -417,6 +428,7 @@ class ChatCompletionService:
         status = 200
         with request_routing(prepared.affinity_key) as scope:
             scope.scoring_meter = scoring_meter(prepared)
+            scope.trace_headers = self._start_span(prepared)
             try:
                 async for event in prepared.strategy.stream(prepared.context, prepared.config):
                     if isinstance(event, ResultEvent):
@@ -561,7 +573,12 @@ class ChatCompletionService:
             alignment["trace"] = result.trace
         return alignment
 
-    def record_refusal(self, strategy: str | None, error: APIError) -> None:
+    def record_refusal(
+        self,
+        strategy: str | None,
+        error: APIError,
+        client_trace: Mapping[str, str] | None = None,
+    ) -> None:
         """Count a request refused before it ran (invalid, over the limit, shutting down)."""
         label = strategy or self.settings.default_strategy
         if get_strategy(label) is None:
@@ -569,6 +586,52 @@ class ChatCompletionService:
         self.metrics.requests.labels(label, str(error.status_code)).inc()
         if error.status_code in (429, 503):
             self.metrics.rejected.labels(error.code or "refused").inc()
+        if self.tracing is not None:
+            self.tracing.refused(
+                "refused", client_trace or {}, error.status_code, error.code or error.type
+            )
+
+    # --- tracing ----------------------------------------------------------------------------
+
+    def _start_span(self, prepared: PreparedRequest) -> dict[str, str]:
+        """Start the request's span (tracing on); the trace headers its upstream calls carry:
+        the span's own, or else the client's, passed on unchanged."""
+        if self.tracing is None:
+            return dict(prepared.client_trace)
+        request = prepared.request
+        operation = "chat" if prepared.header.chunk_object.startswith("chat") else "text_completion"
+        attributes = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.request.model": request.model,
+            "gen_ai.response.id": prepared.header.id,
+            "ttalign.strategy": prepared.strategy.name,
+            "ttalign.stream": bool(request.stream),
+        }
+        reward = getattr(prepared.config, "reward", None) or request.reward
+        if reward is not None:
+            attributes["ttalign.reward"] = reward
+        prepared.span = self.tracing.start(
+            f"{operation} {request.model}", prepared.client_trace, attributes
+        )
+        return self.tracing.outgoing_headers(prepared.span)
+
+    def _end_span(self, prepared: PreparedRequest, status: int) -> None:
+        if self.tracing is None or prepared.span is None:
+            return
+        usage = prepared.context.engine.usage
+        span, prepared.span = prepared.span, None
+        self.tracing.finish(
+            span,
+            prepared.timeline,
+            status,
+            {
+                "ttalign.engine.calls": usage.engine_calls,
+                "ttalign.engine.input_tokens": usage.prompt_tokens,
+                "ttalign.engine.output_tokens": usage.completion_tokens,
+                "ttalign.reward.calls": prepared.context.rewards.usage.calls,
+            },
+            {"ttalign.strategy": prepared.strategy.name},
+        )
 
     def _record_overhead(self, prepared: PreparedRequest, scope: RequestRouting) -> None:
         """In remote mode: the request's time not spent waiting on an upstream server."""
@@ -577,6 +640,7 @@ class ChatCompletionService:
             self.metrics.gateway_overhead.labels(prepared.strategy.name).observe(overhead)
 
     def _record(self, prepared: PreparedRequest, status: int) -> None:
+        self._end_span(prepared, status)
         m, name = self.metrics, prepared.strategy.name
         engine_usage = prepared.context.engine.usage
         m.requests.labels(name, str(status)).inc()

@@ -186,6 +186,14 @@ class ServerSettings(BaseSettings):
         "exactly. Traces grow by every prompt; leave off outside benchmarks.",
     )
 
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="OTLP endpoint that receives a span per request, with a child span per "
+        "engine and reward call (vLLM's flag of the same name; "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL picks grpc, the default, or http/protobuf). "
+        "Unset: no spans; a client's traceparent is still passed on to fleet replicas.",
+    )
+
     temperature_heads: str | None = Field(
         None,
         description="Temperature heads adaptive_temperature may name, as NAME=PATH pairs "

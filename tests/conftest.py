@@ -145,8 +145,12 @@ def borrowing_servers(owner: RunningServer):
     owner_settings = owner.app.state.settings
 
     @contextmanager
-    def serve(*, reward_factory=None, **overrides: object) -> Iterator[RunningServer]:
+    def serve(
+        *, reward_factory=None, tracing_factory=None, **overrides: object
+    ) -> Iterator[RunningServer]:
         kwargs = {} if reward_factory is None else {"reward_factory": reward_factory}
+        if tracing_factory is not None:
+            kwargs["tracing_factory"] = tracing_factory
         values = {"warmup": False, "deterministic": owner_settings.deterministic, **overrides}
         app = create_app(
             real_engine_settings(**values),

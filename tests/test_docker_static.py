@@ -732,3 +732,42 @@ def test_the_cpu_image_prepares_the_embedded_model_at_build_time() -> None:
     cache_env = next(n for n, (k, a) in enumerate(keywords) if k == "ENV" and "CACHE_DIR" in a)
     prepare = next(n for n, (k, a) in enumerate(keywords) if a == "ttalign prepare-model")
     assert keywords[prepare][0] == "RUN" and prepare > cache_env
+
+
+# --- allocator -------------------------------------------------------------------------------
+
+
+def test_the_cpu_image_preloads_the_tcmalloc_it_installs() -> None:
+    instructions = parse_dockerfile(DOCKER / "Dockerfile.cpu")
+    preload = dockerfile_env(instructions)["LD_PRELOAD"]
+    assert preload == "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    installs = " ".join(i.args for i in instructions if i.keyword == "RUN")
+    assert "libtcmalloc-minimal4" in installs  # Debian's package of that file
+
+
+def preload_after_run_serve(tmp_path: Path, ldconfig_output: str, **env: str) -> tuple[str, str]:
+    """LD_PRELOAD as ``./run serve`` leaves it, with ``ldconfig -p`` printing the given text."""
+    (tmp_path / "ldconfig").write_text(f"#!/bin/sh\nprintf '%s\\n' '{ldconfig_output}'\n")
+    (tmp_path / "ldconfig").chmod(0o755)
+    function = subprocess.run(
+        ["sed", "-n", "/^preload_tcmalloc() {/,/^}/p", str(ROOT / "run")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    script = f'{function}\npreload_tcmalloc\nprintf "%s" "${{LD_PRELOAD:-}}"'
+    result = subprocess.run(
+        ["bash", "-c", script],
+        env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", **env},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return result.stdout, result.stderr
+
+
+def test_run_serve_preloads_tcmalloc_when_the_system_has_it(tmp_path: Path) -> None:
+    library = "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    line = f"\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => {library}"
+    preload, _ = preload_after_run_serve(tmp_path, line)
+    assert preload == library
+    preload, _ = preload_after_run_serve(tmp_path, line, TTALIGN_ALLOCATOR="default")
+    assert preload == ""
+    preload, warning = preload_after_run_serve(tmp_path, "\tlibc.so.6 (libc6,x86-64) => /x")
+    assert preload == "" and "apt-get install libtcmalloc-minimal4" in warning
