@@ -14,7 +14,8 @@ with a 4xx).
 It records status counts, the body of every 5xx, p50/p99 latency per strategy (successful
 requests), the output tokens per second of a fixed batch of plain requests sent after the
 warm-up and again after the load (the throughput probe), the server's resident memory (the
-server process and its engine children) after a warm-up and at the end, and the engine's
+server process and its engine children) after a warm-up (one request of each kind, then
+``--warm-up-minutes`` of the same load) and at the end, and the engine's
 unfinished requests once the load has stopped and a short settle period has passed. Results
 go to ``benchmarks/results/soak/`` as JSON and a markdown table. The exit status is 1 when a
 goal is missed: any 5xx, a request left unanswered (dropped connection or client timeout), a
@@ -497,6 +498,10 @@ def summarize(
     rss_end = memory.mark("end")
     rss_start = sum(memory.marks["start"].values()) if "start" in memory.marks else None
     growth = (rss_end - rss_start) / rss_start if rss_start and rss_end else None
+    first = memory.marks.get("after_first_requests")
+    growth_since_first = (
+        (rss_end - sum(first.values())) / sum(first.values()) if first and rss_end else None
+    )
     engine = health.get("engine", {})
     unfinished = engine.get("engine_unfinished_requests")
     goals = {
@@ -526,7 +531,13 @@ def summarize(
         "server_errors": list(tally.server_errors.values()),
         "unanswered": tally.unanswered,
         "malformed_accepted": tally.malformed_accepted,
-        "rss_bytes": {"start": rss_start, "end": rss_end, "growth": growth},
+        "warm_up_minutes": args.warm_up_minutes,
+        "rss_bytes": {
+            "start": rss_start,
+            "end": rss_end,
+            "growth": growth,
+            "growth_since_first_requests": growth_since_first,
+        },
         "rss_bytes_by_process": memory.marks,
         "rss_samples": memory.samples,
         "health_at_end": health,
@@ -546,6 +557,8 @@ def markdown(report: dict[str, Any]) -> str:
     rss = report["rss_bytes"]
     probe = report["probe_output_tokens_per_second"]
     growth = "–" if rss["growth"] is None else f"{rss['growth'] * 100:+.1f} %"
+    first = rss["growth_since_first_requests"]
+    since_first = "–" if first is None else f"{first * 100:+.1f} %"
     lines = [
         f"# Soak: {report['minutes']} min at concurrency {report['concurrency']}",
         "",
@@ -561,8 +574,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"| {status} | {count} |" for status, count in report["statuses"].items()]
     lines += [
         "",
-        f"Server RSS (server and engine processes): {mib(rss['start'])} after warm-up, "
-        f"{mib(rss['end'])} at the end ({growth}).",
+        f"Server RSS (server and engine processes): {mib(rss['start'])} after warm-up "
+        f"({report['warm_up_minutes']} min of the same load), {mib(rss['end'])} at the end "
+        f"({growth}; {since_first} since the first request of each kind).",
         f"Throughput probe ({PROBE_REQUESTS} plain requests of {PROBE_MAX_TOKENS} tokens at "
         f"concurrency {PROBE_CONCURRENCY}): {probe['start']:.1f} output tok/s after warm-up, "
         f"{probe['end']:.1f} after the load; {report['answered_per_minute']:.1f} requests "
@@ -595,6 +609,18 @@ async def soak(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
     memory = ServerMemory(args.pid or listening_pid(base_url))
     memory.mark("before_warm_up")
     await warm_up(base_url, workload)
+    memory.mark("after_first_requests")
+    if args.warm_up_minutes > 0:
+        # The same load for a while first: the engine's first-use allocations (kernels for
+        # each batch shape, caches that fill to their bound) are not what a soak looks for.
+        await run_load(
+            base_url,
+            workload,
+            seconds=args.warm_up_minutes * 60,
+            concurrency=args.concurrency,
+            memory=ServerMemory(None),
+        )
+        await settle(base_url, args.settle_seconds)
     probe_start = await probe_throughput(base_url, model)
     memory.mark("start")
     tally = await run_load(
@@ -616,6 +642,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument(
+        "--warm-up-minutes",
+        type=float,
+        default=2,
+        help="the same load, unmeasured, before memory's starting point (after one request "
+        "of each kind)",
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--url", help="load this running server instead of starting one")
     parser.add_argument(
