@@ -31,6 +31,7 @@ from ttalign.server.health import health_report
 from ttalign.server.keepalive import with_keepalive
 from ttalign.server.metrics import Metrics
 from ttalign.server.openapi import install_openapi
+from ttalign.server.playground import install_playground
 from ttalign.server.responses import sse
 from ttalign.server.scoring import ScoreService
 from ttalign.server.serving import (
@@ -142,6 +143,8 @@ def create_app(
     app.add_middleware(ErrorBoundaryMiddleware)
     _install_error_handlers(app)
     _install_routes(app)
+    if settings.playground:
+        install_playground(app)
     install_openapi(app)
     return app
 

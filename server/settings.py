@@ -119,6 +119,11 @@ class ServerSettings(BaseSettings):
         description="Largest request body (e.g. 4MiB); larger ones get 413.",
     )
     max_messages: int = Field(256, ge=1, description="Most messages one request may send.")
+    playground: bool = Field(
+        True,
+        description="Serve the browser playground at /playground: a page that runs requests "
+        "through this server's own API (behind --api-key it asks for the key).",
+    )
     stream_keepalive_seconds: float = Field(
         1.0,
         gt=0,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ttalign.benchmarks.processes import free_port, running_server
@@ -205,6 +207,38 @@ def fake_server(fake_engine: FakeEngine) -> Iterator[RunningServer]:
     app = create_app(fake_settings(), engine_factory=lambda _: fake_engine)
     with serve_in_thread(app) as running:
         yield running
+
+
+# --- browser fixtures (the playground) ---------------------------------------------------------
+
+
+def chromium_executable() -> str:
+    """The system's Chromium; without one the browser tests fail rather than skip."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.fail(
+        "no chromium found for the playground's browser tests: install it (Debian: "
+        "apt-get install chromium; ./run test does so when apt-get is available)",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium per test module, driven by Playwright's sync API.
+
+    Playwright cannot download its own browsers here, so it launches the system's; as
+    root, Chromium needs ``--no-sandbox``.
+    """
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_executable()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield launched
+        launched.close()
 
 
 # --- reward model fixtures ----------------------------------------------------------------

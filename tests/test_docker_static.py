@@ -536,6 +536,9 @@ def test_the_gateway_environment_is_valid_server_settings(
     assert fields.get("session_header") == "X-Session-ID"
     assert str(settings.reward_config) == env["TTALIGN_REWARD_CONFIG"]
     assert settings.host == "0.0.0.0"
+    # The browser playground is on by default, and off in the fleet.
+    assert ServerSettings.model_fields["playground"].default is True
+    assert settings.playground is False
 
 
 @pytest.mark.parametrize("profile", PROFILES)

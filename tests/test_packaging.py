@@ -63,6 +63,11 @@ def test_the_wheel_installs_everything_under_one_ttalign_namespace(tmp_path: Pat
     packages = {"/".join(name.split("/")[:2]) for name in names if name.startswith("ttalign/")}
     assert packages == {f"ttalign/{folder}" for folder in FOLDERS}
     assert "ttalign/benchmarks/quality/harness.py" in names
+    # The playground's page, styles and modules ship as package data: nothing to build.
+    static = "ttalign/server/playground/static/"
+    shipped = {name.removeprefix(static) for name in names if name.startswith(static)}
+    assert {"index.html", "main.js", "playground.css"} <= shipped
+    assert shipped == {path.name for path in (ROOT / "server/playground/static").iterdir()}
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "ttalign = ttalign.server.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
