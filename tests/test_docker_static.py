@@ -752,11 +752,20 @@ def preload_after_run_serve(tmp_path: Path, ldconfig_output: str, **env: str) ->
     """LD_PRELOAD as ``./run serve`` leaves it, with ``ldconfig -p`` printing the given text."""
     (tmp_path / "ldconfig").write_text(f"#!/bin/sh\nprintf '%s\\n' '{ldconfig_output}'\n")
     (tmp_path / "ldconfig").chmod(0o755)
-    function = subprocess.run(
-        ["sed", "-n", "/^preload_tcmalloc() {/,/^}/p", str(ROOT / "run")],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    script = f'{function}\npreload_tcmalloc\nprintf "%s" "${{LD_PRELOAD:-}}"'
+    # An apt-get that cannot install anything: the missing-library case must not touch the
+    # machine, and then serves on glibc's allocator.
+    (tmp_path / "apt-get").write_text("#!/bin/sh\nexit 100\n")
+    (tmp_path / "apt-get").chmod(0o755)
+    functions = "\n".join(
+        subprocess.run(
+            ["sed", "-n", f"/^{name}() {{/,/^}}/p", str(ROOT / "run")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for name in ("apt_install", "tcmalloc_library", "preload_tcmalloc")
+    )
+    script = f'{functions}\npreload_tcmalloc\nprintf "%s" "${{LD_PRELOAD:-}}"'
     result = subprocess.run(
         ["bash", "-c", script],
         env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", **env},
