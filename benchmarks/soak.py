@@ -53,6 +53,7 @@ from ttalign.benchmarks.processes import (
     running_server,
     ttalign_server_command,
 )
+from ttalign.engine.sse_lines import sse_lines
 from ttalign.server.model_prep import prepare_embedded_model
 
 RESULTS_DIR = Path(__file__).parent / "results" / "soak"
@@ -307,7 +308,7 @@ async def _stream(client: httpx.AsyncClient, call: Call, tally: Tally, started: 
             _record(call, response.status_code, body, tally, time.monotonic() - started)
             return
         finished = False
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response.aiter_bytes()):
             error = stream_error(line)
             if error is not None:
                 status = "stream_error" if error.get("type") in SERVER_ERROR_TYPES else "stream_4xx"

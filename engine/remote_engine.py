@@ -58,6 +58,7 @@ from ttalign.engine.replicas import (
     transport_failure,
 )
 from ttalign.engine.sampling_rules import SEED_RANGE, greedy_copies
+from ttalign.engine.sse_lines import sse_lines
 from ttalign.engine.vllm_errors import api_parameter
 
 logger = logging.getLogger(__name__)
@@ -358,7 +359,7 @@ class RemoteEngine(RendersLocally):
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")
                     _raise_for_status(response.status_code, text, replica, sampling)
-                async for line in response.aiter_lines():
+                async for line in sse_lines(response.aiter_bytes()):
                     if not line.startswith("data: "):
                         continue
                     data = line.removeprefix("data: ")
