@@ -108,13 +108,6 @@ class VllmEngine(RendersLocally):
         # A prompt whose prefix comes from the cache is computed in different pieces than
         # the same prompt computed whole, and gives other logits (measured in float32 too).
         enable_prefix_caching = enable_prefix_caching and not deterministic
-        logger.info(
-            "serving %s in %s (deterministic: %s, prefix caching: %s)",
-            model_name,
-            served_dtype,
-            "on" if deterministic else "off",
-            "on" if enable_prefix_caching else "off",
-        )
         kv_cache_bytes = resolve_kv_cache_memory(kv_cache_memory)
         check_kv_cache_fits(kv_cache_bytes, cpu_node_memory())
         heads: dict[str, TemperatureHeadInfo] = {}
@@ -152,6 +145,14 @@ class VllmEngine(RendersLocally):
         )
         try:
             llm = AsyncLLM.from_engine_args(args)
+            # The dtype vLLM resolved ("auto" becomes the model's own), not the setting.
+            logger.info(
+                "serving %s in %s (deterministic: %s, prefix caching: %s)",
+                model_name,
+                str(getattr(llm.model_config, "dtype", served_dtype)).removeprefix("torch."),
+                "on" if deterministic else "off",
+                "on" if enable_prefix_caching else "off",
+            )
         except RuntimeError as exc:  # the engine core process died while starting
             message = start_failure_message(exc, kv_cache_bytes, cpu_node_memory(), model_path)
             raise EngineStartupError(message) from exc
