@@ -28,6 +28,7 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
       strict-judge:               # LLM judge; no url: the serving engine itself
         type: judge
         url: http://127.0.0.1:8003  # optional remote OpenAI-compatible vLLM server
+        engine: serving             # without url: serving (the policy) | judge (--judge-model)
         model: Qwen/Qwen2.5-7B-Instruct
         api_key_env: JUDGE_API_KEY  # optional: environment variable holding the key
         rubric: "Prefer short, exact answers."
@@ -45,7 +46,8 @@ and ``max_batch_size`` (64).
 
 Two clients exist even without a file: ``rules`` (rule verifiers over each request's
 ``constraints``) and ``judge`` (the LLM judge on the serving engine, with the default
-rubric). A configured client of the same name replaces a built-in one.
+rubric). With a judge engine (``--judge-model``) there is a third, ``judge-strong``: the
+same judge on that engine. A configured client of the same name replaces a built-in one.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ from ttalign.reward_clients.tei import TeiReward
 from ttalign.reward_clients.vllm_pooling import VllmPoolingReward
 
 BUILTIN_DEFAULT = "judge"
+#: The built-in judge on the judge engine (``--judge-model``), when there is one.
+STRONG_JUDGE = "judge-strong"
 
 
 class _Strict(BaseModel):
@@ -133,6 +137,7 @@ class JudgeConfig(BackendSettings):
     # The engine batches concurrent calls itself; gathering them first only adds latency.
     batch_window_ms: float = Field(0.0, ge=0)
     url: str | None = None
+    engine: Literal["serving", "judge"] = "serving"
     model: str | None = None
     api_key_env: str | None = None
     rubric: str = DEFAULT_RUBRIC
@@ -187,17 +192,22 @@ def read_config(path: Path) -> RewardConfigFile:
         raise RewardConfigError(f"{path}: {exc}") from None
 
 
-def read_reward_config(path: Path, default: str | None = None) -> RewardConfigFile:
+def read_reward_config(
+    path: Path, default: str | None = None, *, judge_engine: bool = False
+) -> RewardConfigFile:
     """Read ``path`` and check every client name it refers to, building no client.
 
     Cheap enough to run before the engine starts, so a bad file fails at once. ``default``
-    is the server's ``--default-reward``, which must name a client too.
+    is the server's ``--default-reward``, which must name a client too. ``judge_engine``
+    says whether the server will have one (``--judge-model``).
     """
     try:
         config = read_config(path)
     except OSError as exc:
         raise RewardConfigError(f"{path}: {exc.strerror}") from None
     known = {"rules", BUILTIN_DEFAULT, *config.clients}
+    if judge_engine:
+        known.add(STRONG_JUDGE)
     for name, spec in config.clients.items():
         if isinstance(spec, CompositeConfig) and (missing := set(spec.components) - known):
             raise RewardConfigError(
@@ -205,6 +215,11 @@ def read_reward_config(path: Path, default: str | None = None) -> RewardConfigFi
             )
         if isinstance(spec, JudgeConfig) and spec.scale_min >= spec.scale_max:
             raise RewardConfigError(f"{path}: judge {name!r}: scale_min must be below scale_max")
+        if isinstance(spec, JudgeConfig) and spec.engine == "judge" and not judge_engine:
+            raise RewardConfigError(
+                f"{path}: judge {name!r} runs on the judge engine, and the server has none "
+                "(start it with --judge-model)"
+            )
     chosen = default or config.default
     if chosen is not None and chosen not in known:
         raise RewardConfigError(f"{path}: default reward {chosen!r} is not among {sorted(known)}")
@@ -212,19 +227,27 @@ def read_reward_config(path: Path, default: str | None = None) -> RewardConfigFi
 
 
 def load_reward_registry(
-    path: Path | None, default: str | None, *, engine: Any = None, metrics: Any = None
+    path: Path | None,
+    default: str | None,
+    *,
+    engine: Any = None,
+    judge_engine: Any = None,
+    metrics: Any = None,
 ) -> RewardRegistry:
     """The registry of the built-in clients plus those ``path`` defines.
 
     ``default`` (the server setting) wins over the file's ``default``; without either the
-    default is ``judge``. Without an ``engine`` there is no built-in judge.
+    default is ``judge``. Without an ``engine`` there is no built-in judge; with a
+    ``judge_engine`` there is also ``judge-strong``.
     """
     config = read_config(path) if path is not None else RewardConfigFile()
     specs: dict[str, Any] = {"rules": RulesConfig(type="rules")}
     if engine is not None:
         specs["judge"] = JudgeConfig(type="judge")
+    if judge_engine is not None:
+        specs[STRONG_JUDGE] = JudgeConfig(type="judge", engine="judge")
     specs.update(config.clients)
-    clients = _Builder(specs, engine, metrics).build_all()
+    clients = _Builder(specs, engine, judge_engine, metrics).build_all()
     chosen = default or config.default or (BUILTIN_DEFAULT if BUILTIN_DEFAULT in clients else None)
     if chosen is not None and chosen not in clients:
         raise RewardConfigError(f"default reward {chosen!r} is not among {sorted(clients)}")
@@ -234,9 +257,10 @@ def load_reward_registry(
 class _Builder:
     """Builds clients from their configs; composites resolve their components by name."""
 
-    def __init__(self, specs: dict[str, Any], engine: Any, metrics: Any) -> None:
+    def __init__(self, specs: dict[str, Any], engine: Any, judge_engine: Any, metrics: Any):
         self.specs = specs
         self.engine = engine
+        self.judge_engine = judge_engine
         self.metrics = metrics
         self.built: dict[str, RewardClient] = {}
         self._building: set[str] = set()
@@ -290,14 +314,16 @@ class _Builder:
         return self._judge(name, spec, backend)
 
     def _judge(self, name: str, spec: JudgeConfig, backend: BackendSettings) -> RewardClient:
-        if spec.url is None and self.engine is None:
-            raise RewardConfigError(f"judge {name!r} has no url and there is no serving engine")
+        engine = self.judge_engine if spec.engine == "judge" else self.engine
+        if spec.url is None and engine is None:
+            where = "judge engine (--judge-model)" if spec.engine == "judge" else "serving engine"
+            raise RewardConfigError(f"judge {name!r} has no url and there is no {where}")
         api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         if spec.scale_min >= spec.scale_max:
             raise RewardConfigError(f"judge {name!r}: scale_min must be below scale_max")
         return JudgeReward(
             name,
-            engine=self.engine if spec.url is None else None,
+            engine=engine if spec.url is None else None,
             url=spec.url,
             model=spec.model,
             api_key=api_key,

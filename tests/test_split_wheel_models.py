@@ -70,9 +70,7 @@ def test_parts_join_into_the_pinned_file(tmp_path):
         parts[-1].write_bytes(payload)
     whole = b"GGUF-middle-end"
     target = tmp_path / "out" / "model.gguf"
-    joined = join_parts(
-        parts, target, size=len(whole), sha256=hashlib.sha256(whole).hexdigest()
-    )
+    joined = join_parts(parts, target, size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
     assert joined == target
     assert target.read_bytes() == whole
     assert not list(target.parent.glob("*.partial"))
