@@ -90,7 +90,7 @@ def test_a_join_that_does_not_match_the_pin_leaves_no_file(tmp_path, wrong):
 
 def test_models_are_looked_up_by_name_and_unknown_names_list_the_known_ones():
     assert split_wheel_model("qwen2.5-coder-1.5b-instruct").parts == 22
-    with pytest.raises(ModelPreparationError, match="Qwen2.5-Coder-0.5B-Instruct"):
+    with pytest.raises(ModelPreparationError, match=r"Qwen2\.5-Coder-0\.5B-Instruct"):
         split_wheel_model("llama")
 
 
