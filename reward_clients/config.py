@@ -34,6 +34,11 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
         rubric: "Prefer short, exact answers."
         scale_min: 1
         scale_max: 9
+      request-rules:              # the request's own instructions, extracted as rules
+        type: auto_constraints
+        engine: judge               # judge (--judge-model, the default) | serving
+        fallback: judge-strong      # optional: orders ties, scores requests with no rules
+        max_tokens: 256
       mix:                        # weighted composite of other clients
         type: composite
         components: {skywork: 0.7, rules: 0.3}
@@ -46,8 +51,10 @@ and ``max_batch_size`` (64).
 
 Two clients exist even without a file: ``rules`` (rule verifiers over each request's
 ``constraints``) and ``judge`` (the LLM judge on the serving engine, with the default
-rubric). With a judge engine (``--judge-model``) there is a third, ``judge-strong``: the
-same judge on that engine. A configured client of the same name replaces a built-in one.
+rubric). With a judge engine (``--judge-model``) there are two more: ``judge-strong``, the
+same judge on that engine, and ``auto_constraints``, rules extracted from each request by
+that engine with ``judge-strong`` as the fallback. A configured client of the same name
+replaces a built-in one.
 """
 
 from __future__ import annotations
@@ -59,9 +66,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ttalign.reward_clients import ifeval_checks
+from ttalign.reward_clients.auto_constraints import AutoConstraintsReward
 from ttalign.reward_clients.backend import BackendSettings
 from ttalign.reward_clients.base import RewardClient
 from ttalign.reward_clients.composite import CompositeReward
+from ttalign.reward_clients.constraint_extraction import ConstraintExtractor
 from ttalign.reward_clients.judge import DEFAULT_RUBRIC, JudgeReward
 from ttalign.reward_clients.local_hf import TransformersReward
 from ttalign.reward_clients.registry import RewardRegistry
@@ -72,6 +81,8 @@ from ttalign.reward_clients.vllm_pooling import VllmPoolingReward
 BUILTIN_DEFAULT = "judge"
 #: The built-in judge on the judge engine (``--judge-model``), when there is one.
 STRONG_JUDGE = "judge-strong"
+#: The built-in extracted-rules reward on the judge engine, when there is one.
+AUTO_CONSTRAINTS = "auto_constraints"
 
 
 class _Strict(BaseModel):
@@ -145,6 +156,13 @@ class JudgeConfig(BackendSettings):
     scale_max: int = Field(9, ge=0, le=9)
 
 
+class AutoConstraintsConfig(_Strict):
+    type: Literal["auto_constraints"]
+    engine: Literal["serving", "judge"] = "judge"
+    fallback: str | None = None
+    max_tokens: int = Field(256, ge=16, le=1024)
+
+
 class RulesConfig(_Strict):
     type: Literal["rules"]
 
@@ -160,6 +178,7 @@ ClientConfig = Annotated[
     | TeiConfig
     | TransformersConfig
     | JudgeConfig
+    | AutoConstraintsConfig
     | RulesConfig
     | CompositeConfig,
     Field(discriminator="type"),
@@ -207,7 +226,7 @@ def read_reward_config(
         raise RewardConfigError(f"{path}: {exc.strerror}") from None
     known = {"rules", BUILTIN_DEFAULT, *config.clients}
     if judge_engine:
-        known.add(STRONG_JUDGE)
+        known |= {STRONG_JUDGE, AUTO_CONSTRAINTS}
     for name, spec in config.clients.items():
         if isinstance(spec, CompositeConfig) and (missing := set(spec.components) - known):
             raise RewardConfigError(
@@ -215,10 +234,15 @@ def read_reward_config(
             )
         if isinstance(spec, JudgeConfig) and spec.scale_min >= spec.scale_max:
             raise RewardConfigError(f"{path}: judge {name!r}: scale_min must be below scale_max")
-        if isinstance(spec, JudgeConfig) and spec.engine == "judge" and not judge_engine:
+        on_judge = isinstance(spec, JudgeConfig | AutoConstraintsConfig) and spec.engine == "judge"
+        if on_judge and not judge_engine:
             raise RewardConfigError(
-                f"{path}: judge {name!r} runs on the judge engine, and the server has none "
-                "(start it with --judge-model)"
+                f"{path}: {spec.type} {name!r} runs on the judge engine, and the server has "
+                "none (start it with --judge-model)"
+            )
+        if isinstance(spec, AutoConstraintsConfig) and spec.fallback not in {None, *known}:
+            raise RewardConfigError(
+                f"{path}: {name!r} falls back on unknown client {spec.fallback!r}"
             )
     chosen = default or config.default
     if chosen is not None and chosen not in known:
@@ -246,6 +270,9 @@ def load_reward_registry(
         specs["judge"] = JudgeConfig(type="judge")
     if judge_engine is not None:
         specs[STRONG_JUDGE] = JudgeConfig(type="judge", engine="judge")
+        specs[AUTO_CONSTRAINTS] = AutoConstraintsConfig(
+            type="auto_constraints", fallback=STRONG_JUDGE
+        )
     specs.update(config.clients)
     clients = _Builder(specs, engine, judge_engine, metrics).build_all()
     chosen = default or config.default or (BUILTIN_DEFAULT if BUILTIN_DEFAULT in clients else None)
@@ -292,6 +319,8 @@ class _Builder:
         if isinstance(spec, CompositeConfig):
             components = {c: (self.build(c), w) for c, w in spec.components.items()}
             return CompositeReward(name, components, spec.normalization, metrics=m)
+        if isinstance(spec, AutoConstraintsConfig):
+            return self._auto_constraints(name, spec)
         backend = BackendSettings.model_validate(
             spec.model_dump(include=set(BackendSettings.model_fields))
         )
@@ -312,6 +341,15 @@ class _Builder:
                 label_index=spec.label_index, settings=backend, metrics=m,
             )  # fmt: skip
         return self._judge(name, spec, backend)
+
+    def _auto_constraints(self, name: str, spec: AutoConstraintsConfig) -> RewardClient:
+        engine = self.judge_engine if spec.engine == "judge" else self.engine
+        if engine is None:
+            where = "judge engine (--judge-model)" if spec.engine == "judge" else "serving engine"
+            raise RewardConfigError(f"{spec.type} {name!r} has no {where}")
+        fallback = self.build(spec.fallback) if spec.fallback is not None else None
+        extractor = ConstraintExtractor(engine, max_tokens=spec.max_tokens)
+        return AutoConstraintsReward(name, extractor, fallback=fallback, metrics=self.metrics)
 
     def _judge(self, name: str, spec: JudgeConfig, backend: BackendSettings) -> RewardClient:
         engine = self.judge_engine if spec.engine == "judge" else self.engine
