@@ -11,6 +11,10 @@ Examples (server on port 8011)::
     python -m ttalign.benchmarks.evaluate alpaca --score-reward judge \\
         --run none --run 'best_of_n:{"n":4}'
 
+Chunks of one long evaluation (``--offset``/``--limit``) merge into one result::
+
+    python -m ttalign.benchmarks.evaluate --merge part1.json part2.json --name ifeval-bon
+
 Each invocation writes ``NAME.json`` (settings, per-prompt outputs, metrics and cost),
 ``NAME.md`` (the runs side by side) and ``NAME.png`` under ``--output-dir``.
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 
 from ttalign.benchmarks.quality.client import TtalignClient
 from ttalign.benchmarks.quality.harness import EvalSettings, RunResult, evaluate_run
+from ttalign.benchmarks.quality.merge import MergeError, merge_documents
 from ttalign.benchmarks.quality.report import metric_legend, write_result
 from ttalign.benchmarks.quality.runs import RunSpec, RunSpecError, check_unique_labels, parse_run
 from ttalign.benchmarks.quality.suites import Item, Suite, suites
@@ -100,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", help="file name stem of the results (default: SUITE or SUITE-REWARD)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="merge result files of one evaluation run in chunks (disjoint prompts) into "
+        "--name, recomputing every metric and interval",
+    )
     parser.add_argument(
         "--render",
         type=Path,
@@ -199,6 +212,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     if args.render:
         document = json.loads(args.render.read_text())
         return write_result(document, args.output_dir, args.name or args.render.stem)
+    if args.merge:
+        if not args.name:
+            parser.error("--merge needs --name for the merged result")
+        try:
+            document = merge_documents(
+                [json.loads(path.read_text()) for path in args.merge],
+                [_shown_path(path) for path in args.merge],
+            )
+        except MergeError as exc:
+            parser.error(str(exc))
+        return write_result(document, args.output_dir, args.name)
     if args.suite is None:
         parser.error("a suite is required (or --render)")
     suite = suites()[args.suite]
