@@ -40,7 +40,7 @@ def test_merged_chunks_report_the_whole_runs_figures():
 def test_chunks_that_overlap_or_differ_are_refused():
     whole = json.loads(WHOLE.read_text())
     first, second = chunks(whole, 50)
-    with pytest.raises(MergeError, match="in both a.json and b.json"):
+    with pytest.raises(MergeError, match=r"in both a\.json and b\.json"):
         merge_documents([first, first], ["a.json", "b.json"])
     other = copy.deepcopy(second)
     other["settings"]["max_tokens"] = 1
