@@ -32,6 +32,7 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
         model: Qwen/Qwen2.5-7B-Instruct
         api_key_env: JUDGE_API_KEY  # optional: environment variable holding the key
         rubric: "Prefer short, exact answers."
+        mode: rating                # rating (expected 1-9) | yes_no (P(Yes): obeys it all?)
         scale_min: 1
         scale_max: 9
       request-rules:              # the request's own instructions, extracted as rules
@@ -152,6 +153,7 @@ class JudgeConfig(BackendSettings):
     model: str | None = None
     api_key_env: str | None = None
     rubric: str = DEFAULT_RUBRIC
+    mode: Literal["rating", "yes_no"] = "rating"
     scale_min: int = Field(1, ge=0, le=9)
     scale_max: int = Field(9, ge=0, le=9)
 
@@ -368,6 +370,7 @@ class _Builder:
             rubric=spec.rubric,
             scale_min=spec.scale_min,
             scale_max=spec.scale_max,
+            mode=spec.mode,
             settings=backend,
             metrics=self.metrics,
         )
