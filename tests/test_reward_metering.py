@@ -112,7 +112,7 @@ async def test_a_yes_no_judge_scores_the_probability_of_yes() -> None:
         assert prompt.endswith("Verdict:")
         top = {" Yes": math.log(0.6), " No": math.log(0.2), " yes": math.log(0.1), "x": -1.0}
         if "ignored" in prompt:
-            top = {" Maybe": -0.1}
+            return [Scripted(" Maybe", top=[{" Maybe": -0.1}])] * sampling.n
         return [Scripted(" Yes", top=[top])] * sampling.n
 
     judge = JudgeReward(
