@@ -33,6 +33,8 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
         api_key_env: JUDGE_API_KEY  # optional: environment variable holding the key
         rubric: "Prefer short, exact answers."
         mode: rating                # rating (expected 1-9) | yes_no (P(Yes): obeys it all?)
+                                    # | checklist (requirements listed once per request, each
+                                    # checked yes/no; on an engine only, not with url)
         scale_min: 1
         scale_max: 9
       request-rules:              # the request's own instructions, extracted as rules
@@ -70,6 +72,7 @@ from ttalign.reward_clients import ifeval_checks
 from ttalign.reward_clients.auto_constraints import AutoConstraintsReward
 from ttalign.reward_clients.backend import BackendSettings
 from ttalign.reward_clients.base import RewardClient
+from ttalign.reward_clients.checklist import ChecklistJudge
 from ttalign.reward_clients.composite import CompositeReward
 from ttalign.reward_clients.constraint_extraction import ConstraintExtractor
 from ttalign.reward_clients.judge import DEFAULT_RUBRIC, JudgeReward
@@ -153,7 +156,7 @@ class JudgeConfig(BackendSettings):
     model: str | None = None
     api_key_env: str | None = None
     rubric: str = DEFAULT_RUBRIC
-    mode: Literal["rating", "yes_no"] = "rating"
+    mode: Literal["rating", "yes_no", "checklist"] = "rating"
     scale_min: int = Field(1, ge=0, le=9)
     scale_max: int = Field(9, ge=0, le=9)
 
@@ -236,6 +239,10 @@ def read_reward_config(
             )
         if isinstance(spec, JudgeConfig) and spec.scale_min >= spec.scale_max:
             raise RewardConfigError(f"{path}: judge {name!r}: scale_min must be below scale_max")
+        if isinstance(spec, JudgeConfig) and spec.mode == "checklist" and spec.url is not None:
+            raise RewardConfigError(
+                f"{path}: judge {name!r}: mode checklist runs on an engine, not a url"
+            )
         on_judge = isinstance(spec, JudgeConfig | AutoConstraintsConfig) and spec.engine == "judge"
         if on_judge and not judge_engine:
             raise RewardConfigError(
@@ -361,6 +368,12 @@ class _Builder:
         api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         if spec.scale_min >= spec.scale_max:
             raise RewardConfigError(f"judge {name!r}: scale_min must be below scale_max")
+        if spec.mode == "checklist":
+            if spec.url is not None:
+                raise RewardConfigError(
+                    f"judge {name!r}: mode checklist runs on an engine, not a url"
+                )
+            return ChecklistJudge(name, engine=engine, settings=backend, metrics=self.metrics)
         return JudgeReward(
             name,
             engine=engine if spec.url is None else None,
@@ -370,7 +383,7 @@ class _Builder:
             rubric=spec.rubric,
             scale_min=spec.scale_min,
             scale_max=spec.scale_max,
-            mode=spec.mode,
+            mode="yes_no" if spec.mode == "yes_no" else "rating",
             settings=backend,
             metrics=self.metrics,
         )

@@ -19,14 +19,13 @@ into the requesting task's budget, like the judge's.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 from ttalign.engine.metering import ScoringMeter
+from ttalign.reward_clients.engine_calls import greedy_continuation
+from ttalign.reward_clients.request_cache import SharedCache, text_key
 from ttalign.reward_clients.rules import (
     InvalidConstraintsError,
     parse_constraints,
@@ -133,62 +132,17 @@ class ConstraintExtractor:
     def __init__(self, engine: Any, *, max_tokens: int = 256, cache_size: int = 1024) -> None:
         self.engine = engine
         self.max_tokens = max_tokens
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
-        self._pending: dict[str, asyncio.Future[tuple[Any, ...]]] = {}
+        self._cache: SharedCache[tuple[Any, ...]] = SharedCache(cache_size)
 
     async def extract(self, request: str, meter: ScoringMeter | None = None) -> tuple[Any, ...]:
-        """The constraints of ``request`` (cached; concurrent calls share one extraction).
-
-        A shared extraction that fails for its own caller (a refused budget, a cancelled
-        request) is not this caller's failure: it then extracts for itself.
-        """
-        key = hashlib.sha256(request.encode("utf-8", "surrogatepass")).hexdigest()
-        while True:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            pending = self._pending.get(key)
-            if pending is None:
-                return await self._extract_once(key, request, meter)
-            try:
-                return await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-
-    async def _extract_once(
-        self, key: str, request: str, meter: ScoringMeter | None
-    ) -> tuple[Any, ...]:
-        future: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
-            constraints = await self._run(request, meter)
-        except BaseException:
-            future.cancel()  # the callers sharing it extract for themselves
-            raise
-        finally:
-            del self._pending[key]
-        future.set_result(constraints)
-        self._cache[key] = constraints
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return constraints
+        """The constraints of ``request`` (cached; concurrent calls share one extraction)."""
+        return await self._cache.get(text_key(request), lambda: self._run(request, meter))
 
     async def _run(self, request: str, meter: ScoringMeter | None) -> tuple[Any, ...]:
-        from ttalign.engine.base import SamplingSettings
-
-        prompt = await self.engine.render_chat(
-            extraction_messages(request), continue_final_message=True
+        text = await greedy_continuation(
+            self.engine, extraction_messages(request), max_tokens=self.max_tokens, meter=meter
         )
-        sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=self.max_tokens, seed=0)
-        if meter is not None:
-            meter.before(len(prompt), sampling.max_tokens)
-        generation = await self.engine.generate(prompt, sampling)
-        if meter is not None:
-            meter.after(generation)
-        return parse_extracted(generation.completions[0].text)
+        return parse_extracted(text)
 
 
 def last_user_text(conversation: Sequence[dict[str, str]]) -> str:

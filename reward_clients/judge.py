@@ -41,6 +41,7 @@ from ttalign.reward_clients.backend import (
     gather_or_cancel,
 )
 from ttalign.reward_clients.base import RewardClientError
+from ttalign.reward_clients.engine_calls import TOP_LOGPROBS, first_token_alternatives
 from ttalign.reward_clients.http import JsonHttp
 
 DEFAULT_RUBRIC = (
@@ -49,8 +50,6 @@ DEFAULT_RUBRIC = (
     "and to the point. Replies that ignore the request, invent facts or ramble rate low."
 )
 
-#: How many alternatives of the rating position are inspected.
-TOP_LOGPROBS = 20
 #: The pre-filled start of the judge's answer; the next token is the rating.
 ANSWER_PREFIX = "Rating: "
 #: The pre-filled start of a yes/no verdict; the next token is the verdict.
@@ -203,23 +202,7 @@ class JudgeReward(BackendReward):
     async def _rate_on_engine(
         self, messages: list[dict[str, str]], item: ScoringItem
     ) -> list[tuple[str, float]]:
-        from ttalign.engine.base import SamplingSettings
-
-        prompt = await self.engine.render_chat(messages, continue_final_message=True)
-        sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS)
-        # The requesting task's budget may refuse the call; what it costs counts there.
-        if item.meter is not None:
-            item.meter.before(len(prompt), sampling.max_tokens)
-        generation = await self.engine.generate(prompt, sampling)
-        if item.meter is not None:
-            item.meter.after(generation)
-        logprobs = generation.completions[0].logprobs
-        if not logprobs:
-            raise RewardClientError(self.name, "the engine returned no log-probabilities")
-        first = logprobs[0]
-        alternatives = dict(first.top)
-        alternatives.setdefault(first.token, first.logprob)
-        return list(alternatives.items())
+        return await first_token_alternatives(self.engine, messages, item.meter, self.name)
 
     async def _rate_remote(self, messages: list[dict[str, str]]) -> list[tuple[str, float]]:
         assert self._http is not None
