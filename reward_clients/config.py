@@ -34,7 +34,8 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
         rubric: "Prefer short, exact answers."
         mode: rating                # rating (expected 1-9) | yes_no (P(Yes): obeys it all?)
                                     # | checklist (requirements listed once per request, each
-                                    # checked yes/no; on an engine only, not with url)
+                                    # checked yes/no) | pairwise (P(better) than the judge's
+                                    # own reference reply); these two on an engine, not a url
         scale_min: 1
         scale_max: 9
       request-rules:              # the request's own instructions, extracted as rules
@@ -77,6 +78,7 @@ from ttalign.reward_clients.composite import CompositeReward
 from ttalign.reward_clients.constraint_extraction import ConstraintExtractor
 from ttalign.reward_clients.judge import DEFAULT_RUBRIC, JudgeReward
 from ttalign.reward_clients.local_hf import TransformersReward
+from ttalign.reward_clients.pairwise import PairwiseJudge
 from ttalign.reward_clients.registry import RewardRegistry
 from ttalign.reward_clients.rules import RuleVerifierReward
 from ttalign.reward_clients.tei import TeiReward
@@ -87,6 +89,8 @@ BUILTIN_DEFAULT = "judge"
 STRONG_JUDGE = "judge-strong"
 #: The built-in extracted-rules reward on the judge engine, when there is one.
 AUTO_CONSTRAINTS = "auto_constraints"
+#: Judge modes that make several engine calls per reply: an engine only, never a url.
+ENGINE_MODES = ("checklist", "pairwise")
 
 
 class _Strict(BaseModel):
@@ -156,7 +160,7 @@ class JudgeConfig(BackendSettings):
     model: str | None = None
     api_key_env: str | None = None
     rubric: str = DEFAULT_RUBRIC
-    mode: Literal["rating", "yes_no", "checklist"] = "rating"
+    mode: Literal["rating", "yes_no", "checklist", "pairwise"] = "rating"
     scale_min: int = Field(1, ge=0, le=9)
     scale_max: int = Field(9, ge=0, le=9)
 
@@ -239,9 +243,9 @@ def read_reward_config(
             )
         if isinstance(spec, JudgeConfig) and spec.scale_min >= spec.scale_max:
             raise RewardConfigError(f"{path}: judge {name!r}: scale_min must be below scale_max")
-        if isinstance(spec, JudgeConfig) and spec.mode == "checklist" and spec.url is not None:
+        if isinstance(spec, JudgeConfig) and spec.mode in ENGINE_MODES and spec.url is not None:
             raise RewardConfigError(
-                f"{path}: judge {name!r}: mode checklist runs on an engine, not a url"
+                f"{path}: judge {name!r}: mode {spec.mode} runs on an engine, not a url"
             )
         on_judge = isinstance(spec, JudgeConfig | AutoConstraintsConfig) and spec.engine == "judge"
         if on_judge and not judge_engine:
@@ -368,12 +372,13 @@ class _Builder:
         api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         if spec.scale_min >= spec.scale_max:
             raise RewardConfigError(f"judge {name!r}: scale_min must be below scale_max")
-        if spec.mode == "checklist":
+        if spec.mode in ENGINE_MODES:
             if spec.url is not None:
                 raise RewardConfigError(
-                    f"judge {name!r}: mode checklist runs on an engine, not a url"
+                    f"judge {name!r}: mode {spec.mode} runs on an engine, not a url"
                 )
-            return ChecklistJudge(name, engine=engine, settings=backend, metrics=self.metrics)
+            kind = ChecklistJudge if spec.mode == "checklist" else PairwiseJudge
+            return kind(name, engine=engine, settings=backend, metrics=self.metrics)
         return JudgeReward(
             name,
             engine=engine if spec.url is None else None,

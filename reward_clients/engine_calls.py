@@ -18,8 +18,14 @@ from ttalign.reward_clients.base import RewardClientError
 TOP_LOGPROBS = 20
 
 
-async def _generate(engine: Any, messages: Sequence[dict[str, str]], sampling, meter: Any):
-    prompt = await engine.render_chat(list(messages), continue_final_message=True)
+async def _generate(
+    engine: Any,
+    messages: Sequence[dict[str, str]],
+    sampling: SamplingSettings,
+    meter: Any,
+    continue_final: bool = True,
+) -> Any:
+    prompt = await engine.render_chat(list(messages), continue_final_message=continue_final)
     if meter is not None:
         meter.before(len(prompt), sampling.max_tokens)
     generation = await engine.generate(prompt, sampling)
@@ -29,11 +35,17 @@ async def _generate(engine: Any, messages: Sequence[dict[str, str]], sampling, m
 
 
 async def greedy_continuation(
-    engine: Any, messages: Sequence[dict[str, str]], *, max_tokens: int, meter: Any
+    engine: Any,
+    messages: Sequence[dict[str, str]],
+    *,
+    max_tokens: int,
+    meter: Any,
+    continue_final: bool = True,
 ) -> str:
-    """The greedy continuation of ``messages``' open final turn (seeded, so repeatable)."""
+    """The greedy continuation of ``messages``' open final turn (seeded, so repeatable);
+    without ``continue_final``, the greedy reply that starts a new assistant turn."""
     sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=max_tokens, seed=0)
-    generation = await _generate(engine, messages, sampling, meter)
+    generation = await _generate(engine, messages, sampling, meter, continue_final)
     return generation.completions[0].text
 
 
