@@ -143,6 +143,7 @@ def create_app(
             app.state.settings = settings
             app.state.metrics = metrics
             app.state.engine = engine
+            app.state.judge_engine = judge_engine
             app.state.admission = admission
             app.state.embedder = embedder
             app.state.service = ChatCompletionService(

