@@ -1,8 +1,14 @@
-"""Pairwise agreement of reward clients with IFEval's checkers, side by side.
+"""Agreement of reward clients with ground truth, side by side: IFEval's checkers, or
+XSTest's safe/unsafe labels.
 
     python -m ttalign.benchmarks.judge_agreement \\
         --replies benchmarks/results/quality/adaptive-temperature-ifeval.json \\
         --reward judge --reward judge-strong --split report --name judge-agreement
+    python -m ttalign.benchmarks.judge_agreement \\
+        --replies benchmarks/results/quality/rain-xstest-none.json \\
+        --reward harmless-judge --name judge-harmlessness
+
+For XSTest, see :mod:`benchmarks.quality.harmlessness`.
 
 Scores every distinct reply of the ``--replies`` result files (harness runs over the same
 IFEval prompts) with each ``--reward`` of a running ttalign server, through
@@ -29,44 +35,64 @@ from ttalign.benchmarks.quality.agreement import (
     collect_replies,
 )
 from ttalign.benchmarks.quality.client import TtalignClient
+from ttalign.benchmarks.quality.harmlessness import (
+    LabelledPair,
+    harmlessness_report,
+    labelled_pairs,
+)
 
 RESULTS_DIR = Path(__file__).parent / "results" / "quality"
 
 
+#: What is scored per prompt: its id, the prompt, and the replies to score side by side.
+Job = tuple[str, str, list[str]]
+
+
+def ifeval_jobs(prompts: list[PromptReplies]) -> list[Job]:
+    return [
+        (p.prompt_id, p.prompt, [reply.text for reply in p.replies]) for p in prompts if p.pairs()
+    ]
+
+
+def xstest_jobs(pairs: list[LabelledPair]) -> list[Job]:
+    return [(pair.prompt_id, pair.prompt, [pair.compliant, pair.refusal]) for pair in pairs]
+
+
 async def score_all(
-    client: TtalignClient, reward: str, prompts: list[PromptReplies], concurrency: int
+    client: TtalignClient, reward: str, jobs: list[Job], concurrency: int
 ) -> tuple[dict[str, list[float]], float]:
-    """Each prompt's reply scores under ``reward``, and the wall seconds it took."""
+    """Each job's reply scores under ``reward``, and the wall seconds it took."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(prompt: PromptReplies) -> tuple[str, list[float]]:
+    async def one(key: str, prompt: str, replies: list[str]) -> tuple[str, list[float]]:
         async with gate:
-            texts = [reply.text for reply in prompt.replies]
-            return prompt.prompt_id, await client.score(reward, prompt.prompt, texts)
+            return key, await client.score(reward, prompt, replies)
 
     started = time.monotonic()
-    scored = await asyncio.gather(*(one(p) for p in prompts if p.pairs()))
+    scored = await asyncio.gather(*(one(*job) for job in jobs))
     return dict(scored), time.monotonic() - started
 
 
-async def measure(args: argparse.Namespace, prompts: list[PromptReplies]) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, jobs: list[Job], summarize) -> dict[str, Any]:
     client = TtalignClient(args.base_url, api_key=args.api_key)
     try:
         rewards = {}
         for reward in args.rewards:
-            scores, seconds = await score_all(client, reward, prompts, args.concurrency)
+            scores, seconds = await score_all(client, reward, jobs, args.concurrency)
             rewards[reward] = {
-                **agreement_report(prompts, scores),
+                **summarize(scores),
                 "wall_seconds": round(seconds, 1),
                 "scores": scores,
             }
-            print(f"{reward}: {rewards[reward]['agreement']}", file=sys.stderr, flush=True)
+            print(f"{reward}: {rewards[reward]}", file=sys.stderr, flush=True)
         return rewards
     finally:
         await client.close()
 
 
 def markdown(result: dict[str, Any]) -> str:
+    if result["suite"] == "xstest":
+        return xstest_markdown(result)
     lines = [
         "# Pairwise agreement with IFEval's checkers",
         "",
@@ -86,6 +112,32 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {row['pairs']} | {row['agreement']:.3f} | [{low:.3f}, {high:.3f}] "
             f"| {row['ties']} | {row['wall_seconds']} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def xstest_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Harmlessness judgement against XSTest's labels",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Replies from {', '.join(result['replies'])}: {result['prompts']} prompts, each "
+        "scored as a compliant reply beside a refusal. Shares of prompts ordered right (a "
+        "tie counts half); 95 % bootstrap intervals over prompts.",
+        "",
+        "| reward | unsafe compliance detected | over-refusal detected | wall s |",
+        "|---|---|---|---|",
+    ]
+    for name, row in result["rewards"].items():
+        cells = []
+        for figure in ("unsafe_compliance_detected", "over_refusal_detected"):
+            value = row[figure]
+            if value["share"] is None:
+                cells.append("n/a")
+                continue
+            low, high = value["interval"]
+            cells.append(f"{value['share']:.3f} [{low:.3f}, {high:.3f}] (n={value['prompts']})")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {row['wall_seconds']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,15 +162,25 @@ def main() -> None:
     args = parser.parse_args()
 
     documents = [json.loads(path.read_text()) for path in args.replies]
-    prompts = collect_replies(documents, args.split, args.runs)[: args.limit]
-    rewards = asyncio.run(measure(args, prompts))
+    suite = documents[0].get("suite")
+    if suite == "xstest":
+        pairs = labelled_pairs(documents)[: args.limit]
+        jobs = xstest_jobs(pairs)
+        rewards = asyncio.run(
+            measure(args, jobs, lambda scores: harmlessness_report(pairs, scores))
+        )
+    else:
+        prompts = collect_replies(documents, args.split, args.runs)[: args.limit]
+        jobs = ifeval_jobs(prompts)
+        rewards = asyncio.run(measure(args, jobs, lambda scores: agreement_report(prompts, scores)))
     result = {
+        "suite": suite,
         "command": " ".join(["python -m ttalign.benchmarks.judge_agreement", *sys.argv[1:]]),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "replies": [str(path) for path in args.replies],
         "runs": args.runs,
         "split": args.split,
-        "prompts": len(prompts),
+        "prompts": len(jobs),
         "rewards": rewards,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)

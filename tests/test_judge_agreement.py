@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 from ttalign.benchmarks.quality.agreement import (
     agreement_report,
@@ -9,6 +12,7 @@ from ttalign.benchmarks.quality.agreement import (
     pair_agreement,
     split_of,
 )
+from ttalign.benchmarks.quality.harmlessness import harmlessness_report, labelled_pairs
 
 
 def document(*runs: tuple[str, dict[str, tuple[str, list[bool]]]]) -> dict:
@@ -97,3 +101,78 @@ def test_agreement_pools_pairs_over_prompts_with_an_interval_around_it():
     assert report["agreement"] == pytest.approx(22.5 / 30)
     low, high = report["interval"]
     assert low < 22.5 / 30 < high and high - low < 0.5
+
+
+def xstest_document(outputs: dict[str, tuple[str, str]]) -> dict:
+    """An XSTest result file: {prompt id: (label, reply)}."""
+    return {
+        "suite": "xstest",
+        "runs": [
+            {
+                "label": "none",
+                "outputs": [
+                    {
+                        "id": key,
+                        "prompt": f"prompt {key}",
+                        "output": reply,
+                        "error": None,
+                        "scores": {"label": label},
+                    }
+                    for key, (label, reply) in outputs.items()
+                ],
+            }
+        ],
+    }
+
+
+def test_harmlessness_pairs_a_compliant_reply_with_a_refusal():
+    doc = xstest_document(
+        {
+            "1": ("safe", "To stop a Python process, call kill with its id."),
+            "2": ("unsafe", "I'm sorry, but I can't help with that."),  # refused: no pair
+            "3": ("unsafe", "Step one: find the address."),
+        }
+    )
+    pairs = labelled_pairs([doc])
+    assert [(p.prompt_id, p.label) for p in pairs] == [("1", "safe"), ("3", "unsafe")]
+    assert pairs[0].refusal != pairs[1].refusal
+    report = harmlessness_report(pairs, {"1": [0.2, 0.9], "3": [0.1, 0.8]})
+    assert report["over_refusal_detected"]["share"] == 0.0
+    assert report["unsafe_compliance_detected"]["share"] == 1.0
+
+
+def test_the_command_scores_through_the_server(tmp_path, monkeypatch):
+    from ttalign.benchmarks import judge_agreement
+    from ttalign.reward_clients.registry import RewardRegistry
+    from ttalign.server.app import create_app
+
+    from tests.conftest import fake_settings
+    from tests.fakes import FakeEngine, FakeReward
+    from tests.servers import serve_in_thread
+
+    doc = document(
+        ("a", {str(k): ("a long and careful reply", [True, True]) for k in range(4)}),
+        ("b", {str(k): ("short", [True, False]) for k in range(4)}),
+    )
+    replies = tmp_path / "replies.json"
+    replies.write_text(json.dumps(doc))
+    app = create_app(
+        fake_settings(),
+        engine_factory=lambda _: FakeEngine(),
+        reward_factory=lambda *_: RewardRegistry({"len": FakeReward(len, name="len")}),
+    )
+    with serve_in_thread(app) as server:
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "judge_agreement", "--replies", str(replies), "--reward", "len",
+                "--split", "all", "--base-url", server.base_url,
+                "--output-dir", str(tmp_path), "--name", "agreement",
+            ],
+        )  # fmt: skip
+        judge_agreement.main()
+    result = json.loads((tmp_path / "agreement.json").read_text())
+    assert result["rewards"]["len"]["agreement"] == 1.0
+    assert result["rewards"]["len"]["pairs"] == 4
+    assert "| len | 4 | 1.000 |" in (tmp_path / "agreement.md").read_text()
