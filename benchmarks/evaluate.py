@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from ttalign.benchmarks.quality.agreement import split_of
 from ttalign.benchmarks.quality.client import TtalignClient
 from ttalign.benchmarks.quality.harness import EvalSettings, RunResult, evaluate_run
 from ttalign.benchmarks.quality.merge import MergeError, merge_documents
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "chunks of one seed never overlap",
     )
     parser.add_argument(
+        "--split",
+        choices=["tune", "report"],
+        help="only one half of the prompts: tune judges and prompts on 'tune', report "
+        "figures on 'report' (a fixed, salted hash of each prompt's id)",
+    )
+    parser.add_argument(
         "--concurrency", type=int, default=4, help="requests in flight (%(default)s)"
     )
     parser.add_argument("--max-tokens", type=int, default=512, help="per reply (%(default)s)")
@@ -132,13 +139,14 @@ async def evaluate(
     limit: int | None = None,
     sample_seed: int | None = None,
     offset: int = 0,
+    split: str | None = None,
     model: str | None = None,
     api_key: str = "EMPTY",
     timeout: float = 900.0,
     max_retries: int = 2,
 ) -> dict[str, object]:
     """Every run of ``specs`` over ``suite``, one after another; returns the JSON document."""
-    items = select_items(suite.load(data_file), limit, sample_seed, offset)
+    items = select_items(suite.load(data_file), limit, sample_seed, offset, split)
     client = TtalignClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
     try:
         model = model or await client.model()
@@ -164,6 +172,7 @@ async def evaluate(
         "data_file": _shown_path(data_file),
         "limit": limit,
         "sample_seed": sample_seed,
+        "split": split,
         "offset": offset,
         "settings": {
             "sampling": settings.sampling(),
@@ -177,9 +186,16 @@ async def evaluate(
 
 
 def select_items(
-    items: list[Item], limit: int | None, sample_seed: int | None, offset: int = 0
+    items: list[Item],
+    limit: int | None,
+    sample_seed: int | None,
+    offset: int = 0,
+    split: str | None = None,
 ) -> list[Item]:
-    """``limit`` items from ``offset`` on, in file order or in a random order of ``sample_seed``."""
+    """``limit`` items from ``offset`` on, in file order or in a random order of ``sample_seed``;
+    with ``split``, only that half of the prompts (see :func:`quality.agreement.split_of`)."""
+    if split is not None:
+        items = [item for item in items if split_of(str(item.id)) == split]
     if sample_seed is not None:
         items = random.Random(sample_seed).sample(items, len(items))
     items = items[offset:]
@@ -252,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                 data_file=args.data_dir / suite.filename,
                 limit=args.limit,
                 sample_seed=args.sample_seed,
+                split=args.split,
                 offset=args.offset,
                 model=args.model,
                 api_key=args.api_key,
