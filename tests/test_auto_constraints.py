@@ -149,3 +149,16 @@ def test_a_config_on_the_judge_engine_needs_one(tmp_path):
     )
     with pytest.raises(ValueError, match="unknown client 'nope'"):
         read_reward_config(path, judge_engine=True)
+
+
+def test_the_benchmark_judge_variants_are_a_valid_reward_config():
+    from pathlib import Path
+
+    import ttalign.benchmarks
+
+    path = Path(ttalign.benchmarks.__file__).parent / "judges.yaml"
+    config = read_reward_config(path, judge_engine=True)
+    registry = load_reward_registry(
+        path, None, engine=FakeEngine(), judge_engine=FakeEngine(model_name="judge")
+    )
+    assert set(config.clients) <= set(registry.names())
