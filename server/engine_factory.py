@@ -103,6 +103,7 @@ def build_judge_engine(
         seed=settings.seed,
         enforce_eager=settings.enforce_eager,
         deterministic=settings.deterministic,
+        log_stats=False,
     )
 
 
