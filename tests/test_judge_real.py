@@ -23,7 +23,7 @@ def client(judge_server: RunningServer) -> openai.OpenAI:
 
 def test_the_judge_engine_brings_its_rewards(judge_server: RunningServer) -> None:
     listed = httpx.get(f"{judge_server.api_url}/rewards", timeout=30).json()
-    names = {reward["id"] for reward in listed["data"]}
+    names = {reward["name"] for reward in listed["data"]}
     assert {"judge", "judge-strong", "auto_constraints", "rules"} <= names
 
 
@@ -39,13 +39,16 @@ def test_best_of_n_under_the_strong_judge_answers_and_pays_for_its_judging(
             "strategy": "best_of_n",
             "strategy_config": {"n": 4, "temperature": 1.0},
             "reward": "judge-strong",
+            "return_trace": True,
         },
     )
     alignment = response.model_extra["alignment"]
-    rewards = alignment["rewards"]
+    rewards = alignment["trace"]["rewards"]
     assert response.choices[0].message.content
     assert len(rewards) == 4 and all(1.0 <= r <= 9.0 for r in rewards)
-    assert rewards[0] == max(rewards)  # the answer is the best-rated candidate
+    # The answer is the best-rated candidate.
+    assert alignment["rewards"] == [pytest.approx(max(rewards))]
+    assert alignment["candidates_scored"] == 4
     # Four ratings on the judge engine, metered into this request beside its generation.
     assert alignment["engine_tokens"]["prompt_tokens"] > 4 * 100
 
