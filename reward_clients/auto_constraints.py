@@ -6,11 +6,12 @@ reply scores the share of them it meets, as under ``rules``. The user sends no
 ``constraints``.
 
 Where the rules leave replies tied (equal shares), an optional ``fallback`` client orders
-them: its scores, scaled into [0, 1) and divided by one more than the number of
-constraints, are added, which is less than one constraint's worth, so the fallback can
-break a tie but never overturn a rule. A request with nothing checkable in it is scored by
-the fallback alone; without a fallback every reply then ties at 0 (no signal, so a search
-behaves like its baseline), never an error.
+them, unless ``break_ties`` is off (which saves one judge call per reply): its scores,
+scaled into [0, 1) and divided by one more than the number of constraints, are added,
+which is less than one constraint's worth, so the fallback can break a tie but never
+overturn a rule. A request with nothing checkable in it is scored by the fallback alone;
+without a fallback every reply then ties at 0 (no signal, so a search behaves like its
+baseline), never an error.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ class AutoConstraintsReward:
         extractor: ConstraintExtractor,
         *,
         fallback: RewardClient | None = None,
+        break_ties: bool = True,
         metrics: object = None,
     ) -> None:
         self.name = name
         self.extractor = extractor
         self.fallback = fallback
+        self.break_ties = break_ties
         self._metrics = metrics
 
     async def constraints(self, conversation: Sequence[Message]) -> tuple[object, ...]:
@@ -53,7 +56,7 @@ class AutoConstraintsReward:
             return await self.fallback.score(conversation, candidates, partial=partial)
         rules = RuleVerifierReward(self.name, constraints, metrics=self._metrics)  # type: ignore[arg-type]
         shares = await rules.score(conversation, candidates, partial=partial)
-        if self.fallback is None or len(set(shares)) == len(shares):
+        if self.fallback is None or not self.break_ties or len(set(shares)) == len(shares):
             return shares
         order = await self.fallback.score(conversation, candidates, partial=partial)
         low, high = min(order), max(order)

@@ -42,6 +42,7 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
         type: auto_constraints
         engine: judge               # judge (--judge-model, the default) | serving
         fallback: judge-strong      # optional: orders ties, scores requests with no rules
+        break_ties: true            # false: the fallback only scores requests with no rules
         max_tokens: 256
       mix:                        # weighted composite of other clients
         type: composite
@@ -55,9 +56,11 @@ and ``max_batch_size`` (64).
 
 Two clients exist even without a file: ``rules`` (rule verifiers over each request's
 ``constraints``) and ``judge`` (the LLM judge on the serving engine, with the default
-rubric). With a judge engine (``--judge-model``) there are two more: ``judge-strong``, the
-same judge on that engine, and ``auto_constraints``, rules extracted from each request by
-that engine with ``judge-strong`` as the fallback. A configured client of the same name
+rubric). With a judge engine (``--judge-model``) there are three more:
+``judge-strong-yes-no``, the yes/no judge on that engine; ``auto_constraints``, rules
+extracted from each request by that engine, ties ordered by ``judge-strong-yes-no``; and
+``judge-strong``, the same extracted rules with ``judge-strong-yes-no`` only for requests
+that state none (one judge call per reply fewer). A configured client of the same name
 replaces a built-in one.
 """
 
@@ -85,8 +88,12 @@ from ttalign.reward_clients.tei import TeiReward
 from ttalign.reward_clients.vllm_pooling import VllmPoolingReward
 
 BUILTIN_DEFAULT = "judge"
-#: The built-in judge on the judge engine (``--judge-model``), when there is one.
+#: The built-in strong judge on the judge engine (``--judge-model``), when there is one: the
+#: request's extracted rules, with the yes/no judge for requests that state none. Of the
+#: variants measured (docs/rewards.md), it agreed best with IFEval's checkers per engine call.
 STRONG_JUDGE = "judge-strong"
+#: The judge engine's yes/no judge: P(Yes) that the reply obeys every instruction.
+STRONG_YES_NO = "judge-strong-yes-no"
 #: The built-in extracted-rules reward on the judge engine, when there is one.
 AUTO_CONSTRAINTS = "auto_constraints"
 #: Judge modes that make several engine calls per reply: an engine only, never a url.
@@ -169,6 +176,7 @@ class AutoConstraintsConfig(_Strict):
     type: Literal["auto_constraints"]
     engine: Literal["serving", "judge"] = "judge"
     fallback: str | None = None
+    break_ties: bool = True
     max_tokens: int = Field(256, ge=16, le=1024)
 
 
@@ -235,7 +243,7 @@ def read_reward_config(
         raise RewardConfigError(f"{path}: {exc.strerror}") from None
     known = {"rules", BUILTIN_DEFAULT, *config.clients}
     if judge_engine:
-        known |= {STRONG_JUDGE, AUTO_CONSTRAINTS}
+        known |= {STRONG_JUDGE, STRONG_YES_NO, AUTO_CONSTRAINTS}
     for name, spec in config.clients.items():
         if isinstance(spec, CompositeConfig) and (missing := set(spec.components) - known):
             raise RewardConfigError(
@@ -275,23 +283,34 @@ def load_reward_registry(
 
     ``default`` (the server setting) wins over the file's ``default``; without either the
     default is ``judge``. Without an ``engine`` there is no built-in judge; with a
-    ``judge_engine`` there is also ``judge-strong``.
+    ``judge_engine`` there are also ``judge-strong``, ``judge-strong-yes-no`` and
+    ``auto_constraints``.
     """
     config = read_config(path) if path is not None else RewardConfigFile()
     specs: dict[str, Any] = {"rules": RulesConfig(type="rules")}
     if engine is not None:
         specs["judge"] = JudgeConfig(type="judge")
     if judge_engine is not None:
-        specs[STRONG_JUDGE] = JudgeConfig(type="judge", engine="judge")
-        specs[AUTO_CONSTRAINTS] = AutoConstraintsConfig(
-            type="auto_constraints", fallback=STRONG_JUDGE
-        )
+        specs.update(_judge_engine_builtins())
     specs.update(config.clients)
     clients = _Builder(specs, engine, judge_engine, metrics).build_all()
     chosen = default or config.default or (BUILTIN_DEFAULT if BUILTIN_DEFAULT in clients else None)
     if chosen is not None and chosen not in clients:
         raise RewardConfigError(f"default reward {chosen!r} is not among {sorted(clients)}")
     return RewardRegistry(clients, default=chosen)
+
+
+def _judge_engine_builtins() -> dict[str, Any]:
+    """The rewards a judge engine brings. Its calls are local, so a timeout means overload,
+    which a retry would only make worse; on CPU a busy 1.5B judge needs minutes, not 30 s."""
+    local = {"engine": "judge", "timeout_seconds": 600.0, "max_retries": 0}
+    return {
+        STRONG_YES_NO: JudgeConfig(type="judge", mode="yes_no", **local),
+        STRONG_JUDGE: AutoConstraintsConfig(
+            type="auto_constraints", fallback=STRONG_YES_NO, break_ties=False
+        ),
+        AUTO_CONSTRAINTS: AutoConstraintsConfig(type="auto_constraints", fallback=STRONG_YES_NO),
+    }
 
 
 class _Builder:
@@ -362,7 +381,9 @@ class _Builder:
             raise RewardConfigError(f"{spec.type} {name!r} has no {where}")
         fallback = self.build(spec.fallback) if spec.fallback is not None else None
         extractor = ConstraintExtractor(engine, max_tokens=spec.max_tokens)
-        return AutoConstraintsReward(name, extractor, fallback=fallback, metrics=self.metrics)
+        return AutoConstraintsReward(
+            name, extractor, fallback=fallback, break_ties=spec.break_ties, metrics=self.metrics
+        )
 
     def _judge(self, name: str, spec: JudgeConfig, backend: BackendSettings) -> RewardClient:
         engine = self.judge_engine if spec.engine == "judge" else self.engine

@@ -118,6 +118,16 @@ async def test_the_fallback_breaks_ties_and_never_overturns_a_rule():
     assert 1.0 <= scores[0] < scores[1] < 1.0 + 1 / 3
 
 
+async def test_without_tie_breaking_the_fallback_only_scores_requests_without_rules():
+    engine = FakeEngine(script=lambda prompt, s: ["]" if "Tell me a joke." in prompt else RULES])
+    reward = AutoConstraintsReward(
+        "auto", ConstraintExtractor(engine), fallback=FakeReward(scorer=len), break_ties=False
+    )
+    replies = ["rain", "soft rain on the roof", "WET RAIN ON EVERYTHING AROUND"]
+    assert await reward.score(conversation(), replies) == [1.0, 1.0, 0.0]
+    assert await reward.score(conversation("Tell me a joke."), ["a", "bb"]) == [1.0, 2.0]
+
+
 async def test_a_request_with_nothing_checkable_degrades_to_the_fallback_or_a_tie():
     engine = FakeEngine(script=lambda p, s: ["]"])
     plain = AutoConstraintsReward("auto", ConstraintExtractor(engine))
@@ -131,10 +141,14 @@ async def test_a_request_with_nothing_checkable_degrades_to_the_fallback_or_a_ti
 def test_the_judge_engine_brings_judge_strong_and_auto_constraints():
     serving, judging = FakeEngine(), FakeEngine(model_name="judge")
     registry = load_reward_registry(None, None, engine=serving, judge_engine=judging)
-    assert {"judge", "judge-strong", "auto_constraints", "rules"} <= set(registry.names())
-    assert registry.get("judge-strong").engine is judging
-    auto = registry.get("auto_constraints")
-    assert auto.extractor.engine is judging and auto.fallback is registry.get("judge-strong")
+    builtins = {"judge", "judge-strong", "judge-strong-yes-no", "auto_constraints", "rules"}
+    assert builtins <= set(registry.names())
+    yes_no = registry.get("judge-strong-yes-no")
+    assert yes_no.engine is judging
+    strong, auto = registry.get("judge-strong"), registry.get("auto_constraints")
+    assert strong.extractor.engine is judging and strong.fallback is yes_no
+    assert not strong.break_ties
+    assert auto.extractor.engine is judging and auto.fallback is yes_no and auto.break_ties
     assert "judge-strong" not in load_reward_registry(None, None, engine=serving).names()
 
 

@@ -24,7 +24,7 @@ def client(judge_server: RunningServer) -> openai.OpenAI:
 def test_the_judge_engine_brings_its_rewards(judge_server: RunningServer) -> None:
     listed = httpx.get(f"{judge_server.api_url}/rewards", timeout=30).json()
     names = {reward["name"] for reward in listed["data"]}
-    assert {"judge", "judge-strong", "auto_constraints", "rules"} <= names
+    assert {"judge", "judge-strong", "judge-strong-yes-no", "auto_constraints", "rules"} <= names
 
 
 def test_best_of_n_under_the_strong_judge_answers_and_pays_for_its_judging(
@@ -45,12 +45,13 @@ def test_best_of_n_under_the_strong_judge_answers_and_pays_for_its_judging(
     alignment = response.model_extra["alignment"]
     rewards = alignment["trace"]["rewards"]
     assert response.choices[0].message.content
-    assert len(rewards) == 4 and all(1.0 <= r <= 9.0 for r in rewards)
+    # judge-strong: the share of the request's extracted rules each candidate meets.
+    assert len(rewards) == 4 and all(0.0 <= r <= 1.0 for r in rewards)
     # The answer is the best-rated candidate.
     assert alignment["rewards"] == [pytest.approx(max(rewards))]
     assert alignment["candidates_scored"] == 4
-    # Four ratings on the judge engine, metered into this request beside its generation.
-    assert alignment["engine_tokens"]["prompt_tokens"] > 4 * 100
+    # The extraction on the judge engine, metered into this request beside its generation.
+    assert alignment["engine_tokens"]["prompt_tokens"] > 400
 
 
 def test_auto_constraints_scores_the_rules_the_request_states(
@@ -83,7 +84,7 @@ def test_a_judge_heavy_request_stops_at_its_engine_token_budget(
         "strategy_config": {"n": 8},
         "reward": "judge-strong",
     }
-    # Room for sampling eight 4-token candidates, not for the strong judge's ratings.
+    # Room for sampling eight 4-token candidates, not for the strong judge's extraction.
     with serve_on_real_engine(
         max_request_engine_tokens=150,
         judge_model=TEST_JUDGE_MODEL,
