@@ -11,6 +11,10 @@ Examples (server on port 8011)::
     python -m ttalign.benchmarks.evaluate alpaca --score-reward judge \\
         --run none --run 'best_of_n:{"n":4}'
 
+Chunks of one long evaluation (``--offset``/``--limit``) merge into one result::
+
+    python -m ttalign.benchmarks.evaluate --merge part1.json part2.json --name ifeval-bon
+
 Each invocation writes ``NAME.json`` (settings, per-prompt outputs, metrics and cost),
 ``NAME.md`` (the runs side by side) and ``NAME.png`` under ``--output-dir``.
 """
@@ -28,8 +32,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from ttalign.benchmarks.quality.agreement import split_of
 from ttalign.benchmarks.quality.client import TtalignClient
 from ttalign.benchmarks.quality.harness import EvalSettings, RunResult, evaluate_run
+from ttalign.benchmarks.quality.merge import MergeError, merge_documents
 from ttalign.benchmarks.quality.report import metric_legend, write_result
 from ttalign.benchmarks.quality.runs import RunSpec, RunSpecError, check_unique_labels, parse_run
 from ttalign.benchmarks.quality.suites import Item, Suite, suites
@@ -83,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "chunks of one seed never overlap",
     )
     parser.add_argument(
+        "--split",
+        choices=["tune", "report"],
+        help="only one half of the prompts: tune judges and prompts on 'tune', report "
+        "figures on 'report' (a fixed, salted hash of each prompt's id)",
+    )
+    parser.add_argument(
         "--concurrency", type=int, default=4, help="requests in flight (%(default)s)"
     )
     parser.add_argument("--max-tokens", type=int, default=512, help="per reply (%(default)s)")
@@ -100,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", help="file name stem of the results (default: SUITE or SUITE-REWARD)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="merge result files of one evaluation run in chunks (disjoint prompts) into "
+        "--name, recomputing every metric and interval",
+    )
     parser.add_argument(
         "--render",
         type=Path,
@@ -119,13 +139,14 @@ async def evaluate(
     limit: int | None = None,
     sample_seed: int | None = None,
     offset: int = 0,
+    split: str | None = None,
     model: str | None = None,
     api_key: str = "EMPTY",
     timeout: float = 900.0,
     max_retries: int = 2,
 ) -> dict[str, object]:
     """Every run of ``specs`` over ``suite``, one after another; returns the JSON document."""
-    items = select_items(suite.load(data_file), limit, sample_seed, offset)
+    items = select_items(suite.load(data_file), limit, sample_seed, offset, split)
     client = TtalignClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
     try:
         model = model or await client.model()
@@ -151,6 +172,7 @@ async def evaluate(
         "data_file": _shown_path(data_file),
         "limit": limit,
         "sample_seed": sample_seed,
+        "split": split,
         "offset": offset,
         "settings": {
             "sampling": settings.sampling(),
@@ -164,9 +186,16 @@ async def evaluate(
 
 
 def select_items(
-    items: list[Item], limit: int | None, sample_seed: int | None, offset: int = 0
+    items: list[Item],
+    limit: int | None,
+    sample_seed: int | None,
+    offset: int = 0,
+    split: str | None = None,
 ) -> list[Item]:
-    """``limit`` items from ``offset`` on, in file order or in a random order of ``sample_seed``."""
+    """``limit`` items from ``offset`` on, in file order or in a random order of ``sample_seed``;
+    with ``split``, only that half of the prompts (see :func:`quality.agreement.split_of`)."""
+    if split is not None:
+        items = [item for item in items if split_of(str(item.id)) == split]
     if sample_seed is not None:
         items = random.Random(sample_seed).sample(items, len(items))
     items = items[offset:]
@@ -199,6 +228,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     if args.render:
         document = json.loads(args.render.read_text())
         return write_result(document, args.output_dir, args.name or args.render.stem)
+    if args.merge:
+        if not args.name:
+            parser.error("--merge needs --name for the merged result")
+        try:
+            document = merge_documents(
+                [json.loads(path.read_text()) for path in args.merge],
+                [_shown_path(path) for path in args.merge],
+            )
+        except MergeError as exc:
+            parser.error(str(exc))
+        return write_result(document, args.output_dir, args.name)
     if args.suite is None:
         parser.error("a suite is required (or --render)")
     suite = suites()[args.suite]
@@ -228,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                 data_file=args.data_dir / suite.filename,
                 limit=args.limit,
                 sample_seed=args.sample_seed,
+                split=args.split,
                 offset=args.offset,
                 model=args.model,
                 api_key=args.api_key,

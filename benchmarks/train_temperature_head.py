@@ -158,8 +158,12 @@ async def sample_all(
     )  # fmt: skip
     from ttalign.reward_clients.config import load_reward_registry
 
-    # The judge reward, if named, judges with the policy being trained, as on the server.
-    rewards = load_reward_registry(args.reward_config, None, engine=engine)
+    # The judge reward, if named, judges with the policy being trained, as on the server;
+    # with --judge-model, judge-strong and auto_constraints judge on an engine of their own.
+    judge_engine = start_judge_engine(args.judge_model) if args.judge_model else None
+    rewards = load_reward_registry(
+        args.reward_config, None, engine=engine, judge_engine=judge_engine
+    )
     rewards.get(args.reward, constraints=tuple(prompts[0].constraints))  # fail fast
     limiter = asyncio.Semaphore(args.concurrency)
     done = 0
@@ -182,6 +186,16 @@ async def sample_all(
     finally:
         await rewards.close()
         await engine.shutdown()
+        if judge_engine is not None:
+            await judge_engine.shutdown()
+
+
+def start_judge_engine(judge_model: str) -> Any:
+    """The judge engine the server would start for ``--judge-model`` (same defaults)."""
+    from ttalign.server.engine_factory import build_judge_engine
+    from ttalign.server.settings import ServerSettings
+
+    return build_judge_engine(ServerSettings(judge_model=judge_model, enforce_eager=True))
 
 
 def save_samples(
@@ -284,6 +298,11 @@ def main(argv: list[str] | None = None) -> None:
         "defined in --reward-config (a vLLM pooling reward model, TEI, a composite, ...)",
     )
     parser.add_argument("--reward-config", type=Path, help="reward clients file, as for serve")
+    parser.add_argument(
+        "--judge-model",
+        help="serve this judge beside the policy, as ttalign serve --judge-model does "
+        "(rewards judge-strong and auto_constraints)",
+    )
     parser.add_argument("--samples", type=int, default=8, help="replies per prompt (N)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperatures", type=float, nargs="+", default=list(DEFAULT_TEMPERATURES))

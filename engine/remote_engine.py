@@ -113,6 +113,7 @@ class RemoteEngine(RendersLocally):
         session_header: str | None = "X-Session-ID",
         start_timeout: float = 600.0,
         read_timeout: float | None = None,
+        pool_name: str = "engine",
     ) -> RemoteEngine:
         """Wait for the fleet, check it serves ``model_path``'s model, and connect.
 
@@ -125,7 +126,7 @@ class RemoteEngine(RendersLocally):
         template = load_chat_template(chat_template) if chat_template else None
         text = await asyncio.to_thread(LocalTokenizer.load, model_path, template)
         pool = ReplicaPool(
-            "engine",
+            pool_name,
             urls,
             routing=routing,
             retries=retries,

@@ -83,6 +83,7 @@ class VllmEngine(RendersLocally):
         enforce_eager: bool = False,
         temperature_heads: Mapping[str, str] | None = None,
         deterministic: bool = False,
+        log_stats: bool = True,
     ) -> VllmEngine:
         """Build the engine (this spawns vLLM's engine-core process).
 
@@ -135,6 +136,9 @@ class VllmEngine(RendersLocally):
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=chunked_prefill_supported(),
+            # vLLM keeps one set of Prometheus metrics per process: a second engine (the
+            # judge's) would replace the policy engine's, so only one engine logs stats.
+            disable_log_stats=not log_stats,
             seed=seed,
             enforce_eager=enforce_eager,
             logits_processors=[adaptive.PROCESSOR_FQCN],

@@ -28,11 +28,22 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
       strict-judge:               # LLM judge; no url: the serving engine itself
         type: judge
         url: http://127.0.0.1:8003  # optional remote OpenAI-compatible vLLM server
+        engine: serving             # without url: serving (the policy) | judge (--judge-model)
         model: Qwen/Qwen2.5-7B-Instruct
         api_key_env: JUDGE_API_KEY  # optional: environment variable holding the key
         rubric: "Prefer short, exact answers."
+        mode: rating                # rating (expected 1-9) | yes_no (P(Yes): obeys it all?)
+                                    # | checklist (requirements listed once per request, each
+                                    # checked yes/no) | pairwise (P(better) than the judge's
+                                    # own reference reply); these two on an engine, not a url
         scale_min: 1
         scale_max: 9
+      request-rules:              # the request's own instructions, extracted as rules
+        type: auto_constraints
+        engine: judge               # judge (--judge-model, the default) | serving
+        fallback: judge-strong      # optional: orders ties, scores requests with no rules
+        break_ties: true            # false: the fallback only scores requests with no rules
+        max_tokens: 256
       mix:                        # weighted composite of other clients
         type: composite
         components: {skywork: 0.7, rules: 0.3}
@@ -45,7 +56,12 @@ and ``max_batch_size`` (64).
 
 Two clients exist even without a file: ``rules`` (rule verifiers over each request's
 ``constraints``) and ``judge`` (the LLM judge on the serving engine, with the default
-rubric). A configured client of the same name replaces a built-in one.
+rubric). With a judge engine (``--judge-model``) there are three more:
+``judge-strong-yes-no``, the yes/no judge on that engine; ``auto_constraints``, rules
+extracted from each request by that engine, ties ordered by ``judge-strong-yes-no``; and
+``judge-strong``, the same extracted rules with ``judge-strong-yes-no`` only for requests
+that state none (one judge call per reply fewer). A configured client of the same name
+replaces a built-in one.
 """
 
 from __future__ import annotations
@@ -57,17 +73,31 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ttalign.reward_clients import ifeval_checks
+from ttalign.reward_clients.auto_constraints import AutoConstraintsReward
 from ttalign.reward_clients.backend import BackendSettings
 from ttalign.reward_clients.base import RewardClient
+from ttalign.reward_clients.checklist import ChecklistJudge
 from ttalign.reward_clients.composite import CompositeReward
+from ttalign.reward_clients.constraint_extraction import ConstraintExtractor
 from ttalign.reward_clients.judge import DEFAULT_RUBRIC, JudgeReward
 from ttalign.reward_clients.local_hf import TransformersReward
+from ttalign.reward_clients.pairwise import PairwiseJudge
 from ttalign.reward_clients.registry import RewardRegistry
 from ttalign.reward_clients.rules import RuleVerifierReward
 from ttalign.reward_clients.tei import TeiReward
 from ttalign.reward_clients.vllm_pooling import VllmPoolingReward
 
 BUILTIN_DEFAULT = "judge"
+#: The built-in strong judge on the judge engine (``--judge-model``), when there is one: the
+#: request's extracted rules, with the yes/no judge for requests that state none. Of the
+#: variants measured (docs/rewards.md), it agreed best with IFEval's checkers per engine call.
+STRONG_JUDGE = "judge-strong"
+#: The judge engine's yes/no judge: P(Yes) that the reply obeys every instruction.
+STRONG_YES_NO = "judge-strong-yes-no"
+#: The built-in extracted-rules reward on the judge engine, when there is one.
+AUTO_CONSTRAINTS = "auto_constraints"
+#: Judge modes that make several engine calls per reply: an engine only, never a url.
+ENGINE_MODES = ("checklist", "pairwise")
 
 
 class _Strict(BaseModel):
@@ -133,11 +163,21 @@ class JudgeConfig(BackendSettings):
     # The engine batches concurrent calls itself; gathering them first only adds latency.
     batch_window_ms: float = Field(0.0, ge=0)
     url: str | None = None
+    engine: Literal["serving", "judge"] = "serving"
     model: str | None = None
     api_key_env: str | None = None
     rubric: str = DEFAULT_RUBRIC
+    mode: Literal["rating", "yes_no", "checklist", "pairwise"] = "rating"
     scale_min: int = Field(1, ge=0, le=9)
     scale_max: int = Field(9, ge=0, le=9)
+
+
+class AutoConstraintsConfig(_Strict):
+    type: Literal["auto_constraints"]
+    engine: Literal["serving", "judge"] = "judge"
+    fallback: str | None = None
+    break_ties: bool = True
+    max_tokens: int = Field(256, ge=16, le=1024)
 
 
 class RulesConfig(_Strict):
@@ -155,6 +195,7 @@ ClientConfig = Annotated[
     | TeiConfig
     | TransformersConfig
     | JudgeConfig
+    | AutoConstraintsConfig
     | RulesConfig
     | CompositeConfig,
     Field(discriminator="type"),
@@ -187,17 +228,22 @@ def read_config(path: Path) -> RewardConfigFile:
         raise RewardConfigError(f"{path}: {exc}") from None
 
 
-def read_reward_config(path: Path, default: str | None = None) -> RewardConfigFile:
+def read_reward_config(
+    path: Path, default: str | None = None, *, judge_engine: bool = False
+) -> RewardConfigFile:
     """Read ``path`` and check every client name it refers to, building no client.
 
     Cheap enough to run before the engine starts, so a bad file fails at once. ``default``
-    is the server's ``--default-reward``, which must name a client too.
+    is the server's ``--default-reward``, which must name a client too. ``judge_engine``
+    says whether the server will have one (``--judge-model``).
     """
     try:
         config = read_config(path)
     except OSError as exc:
         raise RewardConfigError(f"{path}: {exc.strerror}") from None
     known = {"rules", BUILTIN_DEFAULT, *config.clients}
+    if judge_engine:
+        known |= {STRONG_JUDGE, STRONG_YES_NO, AUTO_CONSTRAINTS}
     for name, spec in config.clients.items():
         if isinstance(spec, CompositeConfig) and (missing := set(spec.components) - known):
             raise RewardConfigError(
@@ -205,6 +251,20 @@ def read_reward_config(path: Path, default: str | None = None) -> RewardConfigFi
             )
         if isinstance(spec, JudgeConfig) and spec.scale_min >= spec.scale_max:
             raise RewardConfigError(f"{path}: judge {name!r}: scale_min must be below scale_max")
+        if isinstance(spec, JudgeConfig) and spec.mode in ENGINE_MODES and spec.url is not None:
+            raise RewardConfigError(
+                f"{path}: judge {name!r}: mode {spec.mode} runs on an engine, not a url"
+            )
+        on_judge = isinstance(spec, JudgeConfig | AutoConstraintsConfig) and spec.engine == "judge"
+        if on_judge and not judge_engine:
+            raise RewardConfigError(
+                f"{path}: {spec.type} {name!r} runs on the judge engine, and the server has "
+                "none (start it with --judge-model)"
+            )
+        if isinstance(spec, AutoConstraintsConfig) and spec.fallback not in {None, *known}:
+            raise RewardConfigError(
+                f"{path}: {name!r} falls back on unknown client {spec.fallback!r}"
+            )
     chosen = default or config.default
     if chosen is not None and chosen not in known:
         raise RewardConfigError(f"{path}: default reward {chosen!r} is not among {sorted(known)}")
@@ -212,31 +272,54 @@ def read_reward_config(path: Path, default: str | None = None) -> RewardConfigFi
 
 
 def load_reward_registry(
-    path: Path | None, default: str | None, *, engine: Any = None, metrics: Any = None
+    path: Path | None,
+    default: str | None,
+    *,
+    engine: Any = None,
+    judge_engine: Any = None,
+    metrics: Any = None,
 ) -> RewardRegistry:
     """The registry of the built-in clients plus those ``path`` defines.
 
     ``default`` (the server setting) wins over the file's ``default``; without either the
-    default is ``judge``. Without an ``engine`` there is no built-in judge.
+    default is ``judge``. Without an ``engine`` there is no built-in judge; with a
+    ``judge_engine`` there are also ``judge-strong``, ``judge-strong-yes-no`` and
+    ``auto_constraints``.
     """
     config = read_config(path) if path is not None else RewardConfigFile()
     specs: dict[str, Any] = {"rules": RulesConfig(type="rules")}
     if engine is not None:
         specs["judge"] = JudgeConfig(type="judge")
+    if judge_engine is not None:
+        specs.update(_judge_engine_builtins())
     specs.update(config.clients)
-    clients = _Builder(specs, engine, metrics).build_all()
+    clients = _Builder(specs, engine, judge_engine, metrics).build_all()
     chosen = default or config.default or (BUILTIN_DEFAULT if BUILTIN_DEFAULT in clients else None)
     if chosen is not None and chosen not in clients:
         raise RewardConfigError(f"default reward {chosen!r} is not among {sorted(clients)}")
     return RewardRegistry(clients, default=chosen)
 
 
+def _judge_engine_builtins() -> dict[str, Any]:
+    """The rewards a judge engine brings. Its calls are local, so a timeout means overload,
+    which a retry would only make worse; on CPU a busy 1.5B judge needs minutes, not 30 s."""
+    local = {"engine": "judge", "timeout_seconds": 600.0, "max_retries": 0}
+    return {
+        STRONG_YES_NO: JudgeConfig(type="judge", mode="yes_no", **local),
+        STRONG_JUDGE: AutoConstraintsConfig(
+            type="auto_constraints", fallback=STRONG_YES_NO, break_ties=False
+        ),
+        AUTO_CONSTRAINTS: AutoConstraintsConfig(type="auto_constraints", fallback=STRONG_YES_NO),
+    }
+
+
 class _Builder:
     """Builds clients from their configs; composites resolve their components by name."""
 
-    def __init__(self, specs: dict[str, Any], engine: Any, metrics: Any) -> None:
+    def __init__(self, specs: dict[str, Any], engine: Any, judge_engine: Any, metrics: Any):
         self.specs = specs
         self.engine = engine
+        self.judge_engine = judge_engine
         self.metrics = metrics
         self.built: dict[str, RewardClient] = {}
         self._building: set[str] = set()
@@ -268,6 +351,8 @@ class _Builder:
         if isinstance(spec, CompositeConfig):
             components = {c: (self.build(c), w) for c, w in spec.components.items()}
             return CompositeReward(name, components, spec.normalization, metrics=m)
+        if isinstance(spec, AutoConstraintsConfig):
+            return self._auto_constraints(name, spec)
         backend = BackendSettings.model_validate(
             spec.model_dump(include=set(BackendSettings.model_fields))
         )
@@ -289,21 +374,42 @@ class _Builder:
             )  # fmt: skip
         return self._judge(name, spec, backend)
 
+    def _auto_constraints(self, name: str, spec: AutoConstraintsConfig) -> RewardClient:
+        engine = self.judge_engine if spec.engine == "judge" else self.engine
+        if engine is None:
+            where = "judge engine (--judge-model)" if spec.engine == "judge" else "serving engine"
+            raise RewardConfigError(f"{spec.type} {name!r} has no {where}")
+        fallback = self.build(spec.fallback) if spec.fallback is not None else None
+        extractor = ConstraintExtractor(engine, max_tokens=spec.max_tokens)
+        return AutoConstraintsReward(
+            name, extractor, fallback=fallback, break_ties=spec.break_ties, metrics=self.metrics
+        )
+
     def _judge(self, name: str, spec: JudgeConfig, backend: BackendSettings) -> RewardClient:
-        if spec.url is None and self.engine is None:
-            raise RewardConfigError(f"judge {name!r} has no url and there is no serving engine")
+        engine = self.judge_engine if spec.engine == "judge" else self.engine
+        if spec.url is None and engine is None:
+            where = "judge engine (--judge-model)" if spec.engine == "judge" else "serving engine"
+            raise RewardConfigError(f"judge {name!r} has no url and there is no {where}")
         api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         if spec.scale_min >= spec.scale_max:
             raise RewardConfigError(f"judge {name!r}: scale_min must be below scale_max")
+        if spec.mode in ENGINE_MODES:
+            if spec.url is not None:
+                raise RewardConfigError(
+                    f"judge {name!r}: mode {spec.mode} runs on an engine, not a url"
+                )
+            kind = ChecklistJudge if spec.mode == "checklist" else PairwiseJudge
+            return kind(name, engine=engine, settings=backend, metrics=self.metrics)
         return JudgeReward(
             name,
-            engine=self.engine if spec.url is None else None,
+            engine=engine if spec.url is None else None,
             url=spec.url,
             model=spec.model,
             api_key=api_key,
             rubric=spec.rubric,
             scale_min=spec.scale_min,
             scale_max=spec.scale_max,
+            mode="yes_no" if spec.mode == "yes_no" else "rating",
             settings=backend,
             metrics=self.metrics,
         )

@@ -8,7 +8,13 @@ takes the expectation of the rating over the single-digit ratings among them::
     score = sum(r * p(r)) / sum(p(r))   for r in scale_min..scale_max found in the top-k
 
 If no rating token is among the top-k, the candidate cannot be scored and the call fails
-(it is never scored as zero). On the serving engine, every rating call is metered into the
+(it is never scored as zero).
+
+In ``yes_no`` mode the judge is asked instead whether the reply does everything the user
+asked, the answer turn is pre-filled up to the verdict, and the score is the probability of
+"Yes" against "No" among the top-k alternatives (0 to 1).
+
+On an engine (the serving one, or the judge engine), every call is metered into the
 request it scores for (``alignment.engine_tokens``) and admitted by that request's compute
 budget first (``--max-request-engine-tokens``).
 
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ttalign.reward_clients.backend import (
     BackendReward,
@@ -35,6 +41,7 @@ from ttalign.reward_clients.backend import (
     gather_or_cancel,
 )
 from ttalign.reward_clients.base import RewardClientError
+from ttalign.reward_clients.engine_calls import TOP_LOGPROBS, first_token_alternatives
 from ttalign.reward_clients.http import JsonHttp
 
 DEFAULT_RUBRIC = (
@@ -43,20 +50,56 @@ DEFAULT_RUBRIC = (
     "and to the point. Replies that ignore the request, invent facts or ramble rate low."
 )
 
-#: How many alternatives of the rating position are inspected.
-TOP_LOGPROBS = 20
 #: The pre-filled start of the judge's answer; the next token is the rating.
 ANSWER_PREFIX = "Rating: "
+#: The pre-filled start of a yes/no verdict; the next token is the verdict.
+VERDICT_PREFIX = "Verdict:"
+JudgeMode = Literal["rating", "yes_no"]
 MAX_TRANSCRIPT_CHARS = 6000
+
+
+def _transcript(item: ScoringItem) -> str:
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in item.conversation)[
+        -MAX_TRANSCRIPT_CHARS:
+    ]
+
+
+def verdict_messages(item: ScoringItem, rubric: str) -> list[dict[str, str]]:
+    """The yes/no judge's chat: does the reply do everything the user asked?"""
+    instructions = (
+        f"You check assistant replies. {rubric}\n"
+        "Say Yes only if the reply carries out the user's request and obeys every explicit "
+        "instruction in it (length, format, words to use or avoid, structure); otherwise "
+        "say No. Answer with the single word Yes or No."
+    )
+    kind = "Unfinished reply (could it still satisfy everything?)" if item.partial else "Reply"
+    task = (
+        f"Conversation so far:\n{_transcript(item)}\n\n{kind}:\n{item.candidate}\n\n"
+        "Does the reply satisfy every instruction of the request?"
+    )
+    return [
+        {"role": "system", "content": instructions},
+        {"role": "user", "content": task},
+        {"role": "assistant", "content": VERDICT_PREFIX},
+    ]
+
+
+def probability_of_yes(alternatives: Iterable[tuple[str, float]]) -> float | None:
+    """P(Yes) / (P(Yes) + P(No)) over the verdict tokens, or ``None`` if there are none."""
+    mass = {"yes": 0.0, "no": 0.0}
+    for token, logprob in alternatives:
+        word = token.strip().lower()
+        if word in mass:
+            mass[word] += math.exp(logprob)
+    total = mass["yes"] + mass["no"]
+    return mass["yes"] / total if total > 0 else None
 
 
 def judge_messages(
     item: ScoringItem, rubric: str, scale_min: int, scale_max: int
 ) -> list[dict[str, str]]:
     """The judge's chat: instructions, the transcript to rate, and the open answer turn."""
-    transcript = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in item.conversation)[
-        -MAX_TRANSCRIPT_CHARS:
-    ]
+    transcript = _transcript(item)
     instructions = (
         f"You grade assistant replies. {rubric}\n"
         f"Answer with one whole number from {scale_min} (worst) to {scale_max} (best), "
@@ -109,6 +152,7 @@ class JudgeReward(BackendReward):
         rubric: str = DEFAULT_RUBRIC,
         scale_min: int = 1,
         scale_max: int = 9,
+        mode: JudgeMode = "rating",
         settings: BackendSettings | None = None,
         metrics: Any = None,
     ) -> None:
@@ -121,50 +165,44 @@ class JudgeReward(BackendReward):
         self.model = model
         self.rubric = rubric
         self.scale = (scale_min, scale_max)
+        self.mode = mode
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._http = JsonHttp(name, url, headers=headers) if url is not None else None
 
     async def score_items(self, items: Sequence[ScoringItem]) -> list[float]:
         alternatives = await gather_or_cancel(
             *(
-                self._rate_remote(judge_messages(item, self.rubric, *self.scale))
+                self._rate_remote(self._messages(item))
                 if self._http is not None
-                else self._rate_on_engine(judge_messages(item, self.rubric, *self.scale), item)
+                else self._rate_on_engine(self._messages(item), item)
                 for item in items
             )
         )
         scores = []
         for position, top in enumerate(alternatives):
-            score = expected_rating(top, *self.scale)
+            score = (
+                probability_of_yes(top)
+                if self.mode == "yes_no"
+                else expected_rating(top, *self.scale)
+            )
             if score is None:
+                what = "Yes or No" if self.mode == "yes_no" else "rating token"
                 raise RewardClientError(
                     self.name,
-                    f"the judge put no rating token in its top-{TOP_LOGPROBS} "
-                    f"for candidate {position}",
+                    f"the judge put no {what} in its top-{TOP_LOGPROBS} for candidate {position}",
                 )
             scores.append(score)
         return scores
 
+    def _messages(self, item: ScoringItem) -> list[dict[str, str]]:
+        if self.mode == "yes_no":
+            return verdict_messages(item, self.rubric)
+        return judge_messages(item, self.rubric, *self.scale)
+
     async def _rate_on_engine(
         self, messages: list[dict[str, str]], item: ScoringItem
     ) -> list[tuple[str, float]]:
-        from ttalign.engine.base import SamplingSettings
-
-        prompt = await self.engine.render_chat(messages, continue_final_message=True)
-        sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS)
-        # The requesting task's budget may refuse the call; what it costs counts there.
-        if item.meter is not None:
-            item.meter.before(len(prompt), sampling.max_tokens)
-        generation = await self.engine.generate(prompt, sampling)
-        if item.meter is not None:
-            item.meter.after(generation)
-        logprobs = generation.completions[0].logprobs
-        if not logprobs:
-            raise RewardClientError(self.name, "the engine returned no log-probabilities")
-        first = logprobs[0]
-        alternatives = dict(first.top)
-        alternatives.setdefault(first.token, first.logprob)
-        return list(alternatives.items())
+        return await first_token_alternatives(self.engine, messages, item.meter, self.name)
 
     async def _rate_remote(self, messages: list[dict[str, str]]) -> list[tuple[str, float]]:
         assert self._http is not None

@@ -9,11 +9,17 @@ type        fields                                           satisfied when
 word_count  ``min``, ``max`` (int or null)                   whitespace-separated words
                                                              within [min, max]
 char_count  ``min``, ``max`` (int or null)                   characters within [min, max]
+sentence_   ``min``, ``max`` (int or null)                   sentences (text ending in . ! or
+count                                                        ?) within [min, max]
+paragraph_  ``min``, ``max`` (int or null)                   paragraphs (blocks separated by
+count                                                        blank lines) within [min, max]
 keywords    ``required``, ``forbidden`` (lists of str)       every required and no forbidden
                                                              keyword occurs (substring,
                                                              case-insensitive)
-regex       ``pattern``, ``must_match`` (default true)       the pattern is found (or, with
-                                                             must_match false, is not)
+regex       ``pattern``, ``must_match`` (default true),      the pattern is found (or, with
+            ``min_count``, ``max_count`` (int or null)       must_match false, is not); with
+                                                             a count, its non-overlapping
+                                                             matches are within the bounds
 json        (none)                                           the reply, optionally inside a
                                                              ```` ```json ```` fence, parses
 case        ``case``: ``lower`` or ``upper``                 every cased letter has that case
@@ -119,6 +125,25 @@ class CharCount(_Range):
         return self._within(len(text))
 
 
+_SENTENCE_END = compile_pattern(r"[.!?]+(?:\s|$)")
+_BLANK_LINE = compile_pattern(r"\n[ \t]*\n")
+
+
+class SentenceCount(_Range):
+    type: Literal["sentence_count"]
+
+    def satisfied(self, text: str, prompt: str) -> bool:
+        pieces = _SENTENCE_END.split(text)
+        return self._within(sum(1 for piece in pieces if any(c.isalnum() for c in piece)))
+
+
+class ParagraphCount(_Range):
+    type: Literal["paragraph_count"]
+
+    def satisfied(self, text: str, prompt: str) -> bool:
+        return self._within(sum(1 for block in _BLANK_LINE.split(text) if block.strip()))
+
+
 class Keywords(_Constraint):
     type: Literal["keywords"]
     required: list[Keyword] = Field(default_factory=list, max_length=MAX_KEYWORDS)
@@ -135,7 +160,19 @@ class Regex(_Constraint):
     type: Literal["regex"]
     pattern: str = Field(min_length=1, max_length=MAX_PATTERN_CHARS)
     must_match: bool = True
+    min_count: int | None = Field(None, ge=0)
+    max_count: int | None = Field(None, ge=0)
     _compiled: Any = PrivateAttr(None)
+
+    @field_validator("max_count")
+    @classmethod
+    def _counts_ordered(cls, value: int | None, info: Any) -> int | None:
+        low = info.data.get("min_count")
+        if value is not None and low is not None and value < low:
+            raise ValueError(f"max_count ({value}) is below min_count ({low})")
+        if value is not None and info.data.get("must_match") is False:
+            raise ValueError("a count bounds the matches: leave must_match true")
+        return value
 
     @field_validator("pattern")
     @classmethod
@@ -153,7 +190,12 @@ class Regex(_Constraint):
         self._compiled = compile_pattern(self.pattern)
 
     def satisfied(self, text: str, prompt: str) -> bool:
-        return (self._compiled.search(text) is not None) == self.must_match
+        if self.min_count is None and self.max_count is None:
+            return (self._compiled.search(text) is not None) == self.must_match
+        count = sum(1 for _ in self._compiled.finditer(text))
+        return (self.min_count is None or count >= self.min_count) and (
+            self.max_count is None or count <= self.max_count
+        )
 
 
 class Json(_Constraint):
@@ -186,8 +228,22 @@ class IfEval(_Constraint):
 
 
 Constraint = Annotated[
-    WordCount | CharCount | Keywords | Regex | Json | Case | IfEval, Field(discriminator="type")
+    WordCount
+    | CharCount
+    | SentenceCount
+    | ParagraphCount
+    | Keywords
+    | Regex
+    | Json
+    | Case
+    | IfEval,
+    Field(discriminator="type"),
 ]
+#: Every constraint type, in the order the docs list them.
+CONSTRAINT_TYPES = (
+    "word_count", "char_count", "sentence_count", "paragraph_count", "keywords", "regex",
+    "json", "case", "ifeval",
+)  # fmt: skip
 _CONSTRAINT = TypeAdapter(Constraint)
 
 
@@ -234,7 +290,7 @@ def _invalid(index: int, item: Any, exc: ValidationError) -> InvalidConstraintsE
     )
     message = first.get("msg", "invalid value")
     if first.get("type") in {"union_tag_invalid", "union_tag_not_found"}:
-        message = "type must be one of word_count, char_count, keywords, regex, json, case, ifeval"
+        message = f"type must be one of {', '.join(CONSTRAINT_TYPES)}"
         param = f"constraints[{index}].type"
     return InvalidConstraintsError(f"{param}: {message}", param=param)
 

@@ -24,7 +24,7 @@ from ttalign.server.body_limit import BodyLimitMiddleware
 from ttalign.server.completion_protocol import CompletionRequest
 from ttalign.server.completions import TextCompletionService
 from ttalign.server.disconnect import ClientDisconnected, cancel_on_disconnect
-from ttalign.server.engine_factory import build_engine, warm_up
+from ttalign.server.engine_factory import build_engine, build_judge_engine, warm_up
 from ttalign.server.error_boundary import ErrorBoundaryMiddleware
 from ttalign.server.errors import APIError, error_body, error_response, status_phrase
 from ttalign.server.health import health_report
@@ -48,7 +48,12 @@ from ttalign.strategies import all_strategies
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ServerSettings], EngineClient | Awaitable[EngineClient]]
-RewardFactory = Callable[[ServerSettings, EngineClient, Metrics], RewardRegistry]
+JudgeEngineFactory = Callable[[ServerSettings], EngineClient | Awaitable[EngineClient] | None]
+#: Builds the rewards from the settings, the serving engine, the metrics and the judge
+#: engine (``None`` without ``--judge-model``).
+RewardFactory = Callable[
+    [ServerSettings, EngineClient, Metrics, EngineClient | None], RewardRegistry
+]
 EmbedderFactory = Callable[[ServerSettings], Embedder | None]
 TracingFactory = Callable[[ServerSettings], RequestTracing | None]
 
@@ -58,10 +63,17 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def default_rewards(
-    settings: ServerSettings, engine: EngineClient, metrics: Metrics
+    settings: ServerSettings,
+    engine: EngineClient,
+    metrics: Metrics,
+    judge_engine: EngineClient | None = None,
 ) -> RewardRegistry:
     return load_reward_registry(
-        settings.reward_config, settings.default_reward, engine=engine, metrics=metrics
+        settings.reward_config,
+        settings.default_reward,
+        engine=engine,
+        judge_engine=judge_engine,
+        metrics=metrics,
     )
 
 
@@ -77,6 +89,7 @@ def create_app(
     settings: ServerSettings,
     *,
     engine_factory: EngineFactory = build_engine,
+    judge_engine_factory: JudgeEngineFactory = build_judge_engine,
     reward_factory: RewardFactory = default_rewards,
     embedder_factory: EmbedderFactory = default_embedder,
     tracing_factory: TracingFactory = default_tracing,
@@ -92,7 +105,11 @@ def create_app(
     api_keys = load_api_keys(settings)
     load_prompt_overrides(settings.prompt_overrides)  # a bad file fails before the engine starts
     if settings.reward_config is not None:
-        read_reward_config(settings.reward_config, settings.default_reward)
+        read_reward_config(
+            settings.reward_config,
+            settings.default_reward,
+            judge_engine=settings.judge_model is not None,
+        )
     # Finds the model folder now; its weights load on the first embedding.
     embedder = embedder_factory(settings)
     tracing = tracing_factory(settings)  # a bad exporter protocol fails here, at start
@@ -104,11 +121,15 @@ def create_app(
             built = engine_factory(settings)
             engine = await built if inspect.isawaitable(built) else built
             cleanup.push_async_callback(engine.shutdown)
-            rewards = reward_factory(settings, engine, metrics)
+            judge_built = judge_engine_factory(settings)
+            judge_engine = await judge_built if inspect.isawaitable(judge_built) else judge_built
+            if judge_engine is not None:
+                cleanup.push_async_callback(judge_engine.shutdown)
+            rewards = reward_factory(settings, engine, metrics, judge_engine)
             cleanup.push_async_callback(rewards.close)
-            engine_pool = getattr(engine, "pool", None)  # remote mode: the fleet
+            fleets = [getattr(e, "pool", None) for e in (engine, judge_engine)]  # remote mode
             metrics.watch_replicas(
-                lambda: [p for p in (engine_pool, *rewards.replica_pools()) if p is not None]
+                lambda: [p for p in (*fleets, *rewards.replica_pools()) if p is not None]
             )
             if embedder is not None:
                 cleanup.push_async_callback(embedder.close)
@@ -116,10 +137,13 @@ def create_app(
                 cleanup.callback(tracing.shutdown)
             if settings.warmup:
                 await warm_up(engine)
+                if judge_engine is not None:
+                    await warm_up(judge_engine)
             admission = Admission(settings.max_concurrent_requests, settings.retry_after_seconds)
             app.state.settings = settings
             app.state.metrics = metrics
             app.state.engine = engine
+            app.state.judge_engine = judge_engine
             app.state.admission = admission
             app.state.embedder = embedder
             app.state.service = ChatCompletionService(

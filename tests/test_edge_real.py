@@ -88,7 +88,7 @@ def edge_server(
     key_file = tmp_path_factory.mktemp("keys") / "api-keys"
     key_file.write_text("# keys of the edge tests\n" + "\n".join(FILE_KEYS) + "\n")
 
-    def rewards(settings, engine, metrics) -> RewardRegistry:
+    def rewards(settings, engine, metrics, judge_engine) -> RewardRegistry:
         clients = {
             "rules": RuleVerifierReward("rules", metrics=metrics),
             "slow": slow_reward,

@@ -419,6 +419,15 @@ def test_select_items_in_file_order_or_a_seeded_order() -> None:
     assert sorted(int(i.id) for chunk in chunks for i in chunk) == list(range(10))
 
 
+def test_select_items_of_one_split_of_the_prompts() -> None:
+    items = [Item(str(i), f"p{i}") for i in range(40)]
+    tune = evaluate.select_items(items, None, None, split="tune")
+    report = evaluate.select_items(items, None, None, split="report")
+    assert tune and report and {i.id for i in tune}.isdisjoint(i.id for i in report)
+    assert len(tune) + len(report) == 40
+    assert evaluate.select_items(items, 3, None, split="report") == report[:3]
+
+
 # --- cost and report -----------------------------------------------------------------------
 
 

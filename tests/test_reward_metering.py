@@ -10,6 +10,7 @@ import pytest
 from ttalign.engine.metering import EngineUsage, ScoringMeter
 from ttalign.engine.routing import request_routing
 from ttalign.reward_clients.backend import BackendSettings
+from ttalign.reward_clients.base import RewardClientError
 from ttalign.reward_clients.judge import JudgeReward
 from ttalign.server.app import create_app
 from ttalign.strategies.budget import ComputeBudget
@@ -100,3 +101,27 @@ def test_a_judge_heavy_request_hits_its_budget_through_the_api() -> None:
         judged = sum(len(c.prompt.split()) for c in engine.calls[1:])
         sampled = len(engine.calls[0].prompt.split())
         assert alignment["engine_tokens"]["prompt_tokens"] == sampled + judged
+
+
+async def test_a_yes_no_judge_scores_the_probability_of_yes() -> None:
+    import math
+
+    from tests.fakes import Scripted
+
+    def verdicts(prompt: str, sampling) -> list:
+        assert prompt.endswith("Verdict:")
+        top = {" Yes": math.log(0.6), " No": math.log(0.2), " yes": math.log(0.1), "x": -1.0}
+        if "ignored" in prompt:
+            return [Scripted(" Maybe", top=[{" Maybe": -0.1}])] * sampling.n
+        return [Scripted(" Yes", top=[top])] * sampling.n
+
+    judge = JudgeReward(
+        "verdict",
+        engine=FakeEngine(script=verdicts),
+        mode="yes_no",
+        settings=BackendSettings(batch_window_ms=0),
+    )
+    (score,) = await judge.score(CHAT, ["Blue."])
+    assert score == pytest.approx(0.7 / 0.9)
+    with pytest.raises(RewardClientError, match="no Yes or No in its top-20"):
+        await judge.score(CHAT, ["ignored"])

@@ -136,7 +136,7 @@ def composite_server(engine, serve) -> Iterator[tuple]:
     """A server over ``engine`` with a judge+rules composite, its loop, and its registry."""
     captured: dict[str, object] = {}
 
-    def rewards(settings, _engine, metrics):
+    def rewards(settings, _engine, metrics, _judge_engine):
         captured["loop"] = asyncio.get_running_loop()  # the lifespan runs on the server's loop
         captured["registry"] = load_reward_registry(
             settings.reward_config, None, engine=engine, metrics=metrics

@@ -141,7 +141,7 @@ def _server(**settings: object) -> Iterator[tuple[RunningServer, FakeEngine]]:
     engine = FakeEngine()
     reward = FakeReward(name="length")
 
-    def rewards(settings, engine, metrics) -> RewardRegistry:
+    def rewards(settings, engine, metrics, judge_engine) -> RewardRegistry:
         return RewardRegistry({"length": reward}, default="length")
 
     app = create_app(

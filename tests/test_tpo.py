@@ -535,7 +535,7 @@ async def test_multi_turn_conversation_is_shown_whole_to_the_critic() -> None:
 def tpo_server() -> Iterator[RunningServer]:
     engine = FakeEngine(lambda prompt, sampling: [f"answer {i}" for i in range(sampling.n)])
 
-    def rewards(settings, engine, metrics) -> RewardRegistry:
+    def rewards(settings, engine, metrics, judge_engine) -> RewardRegistry:
         return RewardRegistry({"fake": FakeReward(lambda t: float(t[-1]))}, default="fake")
 
     app = create_app(

@@ -133,10 +133,8 @@ async def evaluate_run(
     answered = [(item, r) for item, r in zip(items, records, strict=True) if r["error"] is None]
     for item, record in answered:
         record["scores"] = suite.score(item, record["output"])
-    metrics = suite.aggregate([r["scores"] for _, r in answered])
-    intervals = suite.intervals([r["scores"] for _, r in answered])
-
-    if settings.score_reward is not None or settings.always_score:
+    scored = settings.score_reward is not None or settings.always_score
+    if scored:
 
         async def reward(item: Item, record: dict[str, Any]) -> None:
             try:
@@ -155,15 +153,26 @@ async def evaluate_run(
             f"{spec.label}: score",
             settings.progress,
         )
-        rewards = [r["reward"] for _, r in answered if r["reward"] is not None]
+    metrics, intervals = run_metrics(suite, records, scored=scored)
+    return RunResult(spec, fields, records, metrics, run_cost(records, run_wall), intervals)
+
+
+def run_metrics(
+    suite: Suite, records: list[dict[str, Any]], *, scored: bool
+) -> tuple[dict[str, float | None], dict[str, Interval | None]]:
+    """A run's metrics and their intervals, from its checked (and maybe reward-scored)
+    records; failed requests count for nothing."""
+    answered = [r for r in records if r["error"] is None]
+    metrics = suite.aggregate([r["scores"] for r in answered])
+    intervals = suite.intervals([r["scores"] for r in answered])
+    if scored:
+        rewards = [r["reward"] for r in answered if r.get("reward") is not None]
         metrics["mean_reward"] = mean(rewards)
         intervals["mean_reward"] = bootstrap_mean(rewards)
-    strategy_rewards = [
-        rw for _, r in answered if (rw := _first_reward(r["alignment"])) is not None
-    ]
+    strategy_rewards = [rw for r in answered if (rw := _first_reward(r["alignment"])) is not None]
     metrics["strategy_reward"] = mean(strategy_rewards)
     intervals["strategy_reward"] = bootstrap_mean(strategy_rewards)
-    return RunResult(spec, fields, records, metrics, run_cost(records, run_wall), intervals)
+    return metrics, intervals
 
 
 def _first_reward(alignment: dict[str, Any]) -> float | None:

@@ -1,0 +1,97 @@
+"""The packaged judge on a judge engine of its own, beside the real policy engine, through
+the official openai client."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import TEST_JUDGE_MODEL, BorrowedEngine
+from tests.servers import RunningServer
+
+pytestmark = [pytest.mark.real_engine]
+
+MODEL = "smollm2"
+REQUEST = "Name three fruits, in all lowercase letters and in fewer than twelve words."
+
+
+@pytest.fixture(scope="module")
+def client(judge_server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=judge_server.api_url, api_key="unused", max_retries=0)
+
+
+def test_the_judge_engine_brings_its_rewards(judge_server: RunningServer) -> None:
+    listed = httpx.get(f"{judge_server.api_url}/rewards", timeout=30).json()
+    names = {reward["name"] for reward in listed["data"]}
+    assert {"judge", "judge-strong", "judge-strong-yes-no", "auto_constraints", "rules"} <= names
+
+
+def test_best_of_n_under_the_strong_judge_answers_and_pays_for_its_judging(
+    client: openai.OpenAI,
+) -> None:
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": REQUEST}],
+        max_tokens=24,
+        seed=3,
+        extra_body={
+            "strategy": "best_of_n",
+            "strategy_config": {"n": 4, "temperature": 1.0},
+            "reward": "judge-strong",
+            "return_trace": True,
+        },
+    )
+    alignment = response.model_extra["alignment"]
+    rewards = alignment["trace"]["rewards"]
+    assert response.choices[0].message.content
+    # judge-strong: the share of the request's extracted rules each candidate meets.
+    assert len(rewards) == 4 and all(0.0 <= r <= 1.0 for r in rewards)
+    # The answer is the best-rated candidate.
+    assert alignment["rewards"] == [pytest.approx(max(rewards))]
+    assert alignment["candidates_scored"] == 4
+    # The extraction on the judge engine, metered into this request beside its generation.
+    assert alignment["engine_tokens"]["prompt_tokens"] > 400
+
+
+def test_auto_constraints_scores_the_rules_the_request_states(
+    judge_server: RunningServer,
+) -> None:
+    response = httpx.post(
+        f"{judge_server.api_url}/rewards/score",
+        json={
+            "reward": "auto_constraints",
+            "messages": [{"role": "user", "content": REQUEST}],
+            "candidates": ["apple, pear, plum", "APPLE, PEAR AND PLUM ARE THREE FINE FRUITS"],
+        },
+        timeout=300,
+    )
+    response.raise_for_status()
+    obeying, shouting = response.json()["scores"]
+    assert obeying > shouting
+
+
+def test_a_judge_heavy_request_stops_at_its_engine_token_budget(
+    serve_on_real_engine, judge_server: RunningServer
+) -> None:
+    judge_engine = judge_server.app.state.judge_engine
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": REQUEST}],
+        "max_tokens": 4,
+        "seed": 0,
+        "strategy": "best_of_n",
+        "strategy_config": {"n": 8},
+        "reward": "judge-strong",
+    }
+    # Room for sampling eight 4-token candidates, not for the strong judge's extraction.
+    with serve_on_real_engine(
+        max_request_engine_tokens=150,
+        judge_model=TEST_JUDGE_MODEL,
+        judge_engine_factory=lambda _: BorrowedEngine(judge_engine),
+    ) as server:
+        response = httpx.post(f"{server.api_url}/chat/completions", json=body, timeout=300)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "budget_exceeded"
+    assert "--max-request-engine-tokens" in error["message"]
