@@ -637,3 +637,24 @@ def test_paired_differences_compare_runs_prompt_by_prompt() -> None:
     assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="no run labelled"):
         compare(document, "missing", ["reward"])
+
+
+def test_markdown_says_which_half_of_the_prompts_was_evaluated() -> None:
+    document = {
+        "suite": "ifeval",
+        "server": {"model": "m", "base_url": "http://x/v1"},
+        "data_file": "d.jsonl",
+        "created": "now",
+        "settings": {"sampling": {}, "concurrency": 1, "score_reward": None, "scored": False},
+        "metrics": [],
+        "runs": [],
+    }
+    assert "Data: `d.jsonl`. Server" in markdown_table(document)
+    document["split"] = "report"
+    assert "Data: `d.jsonl`, the items of the report half (`--split report`). Server" in (
+        markdown_table(document)
+    )
+    document["limit"] = 100
+    assert "100 items of the report half (`--split report`) from position 0 in file order" in (
+        markdown_table(document)
+    )

@@ -116,11 +116,13 @@ def markdown_table(document: dict[str, Any]) -> str:
 
 def _subset(document: dict[str, Any]) -> str:
     seed, offset, limit = (document.get(k) for k in ("sample_seed", "offset", "limit"))
+    split = document.get("split")
+    half = f" of the {split} half (`--split {split}`)" if split else ""
     if seed is None and not offset and not limit:
-        return ""
+        return half and f", the items{half}"
     order = "file order" if seed is None else f"random order of seed {seed}"
     span = f"{limit} items" if limit else "the items"
-    return f", {span} from position {offset or 0} in {order}"
+    return f", {span}{half} from position {offset or 0} in {order}"
 
 
 def _cell(text: str) -> str:
