@@ -71,6 +71,9 @@ class SamplingSettings:
     allowed_token_ids: tuple[int, ...] | None = None
     #: Per-request arguments for the engine's custom logits processors (vLLM ``extra_args``).
     extra_args: Mapping[str, object] | None = None
+    #: Scheduling priority under a priority-scheduling engine: lower runs first (vLLM's
+    #: convention). Engines that schedule first-come first-served ignore it.
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,10 +116,28 @@ class Generation:
 
     prompt_tokens: int
     completions: tuple[Completion, ...]
+    #: Prompt tokens the engine prefilled, over every sequence it ran: vLLM runs a call of
+    #: ``n > 1`` as ``n`` child sequences that each prefill the prompt. ``None``: unknown
+    #: (one prefill per completion is assumed).
+    prefill_tokens: int | None = None
+    #: Of those, the tokens read from the engine's prefix cache rather than computed.
+    cached_prefill_tokens: int = 0
 
     @property
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.completions)
+
+    @property
+    def total_prefill_tokens(self) -> int:
+        """Prompt tokens prefilled over all sequences, cached or computed."""
+        if self.prefill_tokens is not None:
+            return self.prefill_tokens
+        return self.prompt_tokens * max(1, len(self.completions))
+
+    @property
+    def computed_prefill_tokens(self) -> int:
+        """Prefill the engine computed (the part its prefix cache did not hold)."""
+        return max(0, self.total_prefill_tokens - self.cached_prefill_tokens)
 
 
 @dataclass(frozen=True)
@@ -134,6 +155,8 @@ class CompletionDelta:
     token_ids: tuple[int, ...] = ()
     #: On the final delta: what ended the completion (see :attr:`Completion.stop_reason`).
     stop_reason: StopReason = None
+    #: Prompt tokens this completion's sequence read from the prefix cache (every delta).
+    cached_prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import aclosing
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, aclosing, nullcontext
+from dataclasses import dataclass, replace
 
 from ttalign.engine.base import (
     AdaptiveTemperatureEngine,
@@ -30,6 +31,22 @@ class EngineUsage:
     completion_tokens: int = 0
     #: Engine calls reward clients made to score for the request (a judge's ratings).
     reward_engine_calls: int = 0
+    #: Prefill over every sequence the engine ran (each child of an ``n > 1`` call
+    #: prefills the prompt): the part it computed, and the part its prefix cache held.
+    prefill_computed_tokens: int = 0
+    prefill_cached_tokens: int = 0
+
+    def add_generation(self, generation: Generation) -> None:
+        """Count one finished engine call's tokens."""
+        self.prompt_tokens += generation.prompt_tokens
+        self.completion_tokens += generation.completion_tokens
+        self.prefill_computed_tokens += generation.computed_prefill_tokens
+        self.prefill_cached_tokens += generation.cached_prefill_tokens
+
+    def add_sequence_prefill(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """Count one streamed sequence's prefill."""
+        self.prefill_cached_tokens += cached_tokens
+        self.prefill_computed_tokens += max(0, prompt_tokens - cached_tokens)
 
 
 class MeteredEngine:
@@ -37,12 +54,26 @@ class MeteredEngine:
 
     With a :class:`~ttalign.engine.timeline.CallTimeline`, every ``generate`` and ``stream``
     call is also noted there, from its start until it returns, fails, or its stream closes.
+
+    Fair sharing: every call carries the request's ``priority`` (see
+    :attr:`SamplingSettings.priority`), and with ``max_in_flight`` at most that many of the
+    request's calls run in the engine at once; the others wait here, not in the engine's
+    queue, so one search cannot fill the engine's batch ahead of other requests.
     """
 
-    def __init__(self, engine: EngineClient, timeline: CallTimeline | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        timeline: CallTimeline | None = None,
+        *,
+        priority: int = 0,
+        max_in_flight: int | None = None,
+    ) -> None:
         self._engine = engine
         self.usage = EngineUsage()
         self.timeline = timeline
+        self.priority = priority
+        self._gate = asyncio.Semaphore(max_in_flight) if max_in_flight else None
 
     @property
     def model_name(self) -> str:
@@ -83,6 +114,11 @@ class MeteredEngine:
         return self._engine.eos_token_ids
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
+        sampling = self._prioritized(sampling)
+        async with self._gate or nullcontext():
+            return await self._generate(prompt, sampling)
+
+    async def _generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         self._count_call(sampling)
         timeline = self.timeline
         if timeline is None:
@@ -101,20 +137,32 @@ class MeteredEngine:
                 generation.completion_tokens,
                 finish_reasons=[c.finish_reason for c in generation.completions],
                 replica=note.replica,
+                cached_tokens=generation.cached_prefill_tokens,
             )
-        self.usage.prompt_tokens += generation.prompt_tokens
-        self.usage.completion_tokens += generation.completion_tokens
+        self.usage.add_generation(generation)
         return generation
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncIterator[CompletionDelta]:
+        sampling = self._prioritized(sampling)
+        async with AsyncExitStack() as stack:
+            if self._gate is not None:
+                await stack.enter_async_context(self._gate)
+            async with aclosing(self._stream(prompt, sampling)) as deltas:
+                async for delta in deltas:
+                    yield delta
+
+    async def _stream(
+        self, prompt: Prompt, sampling: SamplingSettings
+    ) -> AsyncIterator[CompletionDelta]:
         self._count_call(sampling)
         timeline = self.timeline
         record = None if timeline is None else timeline.engine_call(prompt, sampling)
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         counted_prompt = finished = False
         finish_reasons: dict[int, str] = {}
+        prefilled: set[int] = set()
         with noting_call() as note:
             try:
                 # Closing this stream closes the engine's at once (which aborts its request),
@@ -125,6 +173,12 @@ class MeteredEngine:
                             prompt_tokens = delta.prompt_tokens
                             self.usage.prompt_tokens += prompt_tokens
                             counted_prompt = True
+                        if delta.index not in prefilled:
+                            prefilled.add(delta.index)
+                            cached_tokens += delta.cached_prefill_tokens
+                            self.usage.add_sequence_prefill(
+                                delta.prompt_tokens, delta.cached_prefill_tokens
+                            )
                         completion_tokens += delta.num_tokens
                         self.usage.completion_tokens += delta.num_tokens
                         if delta.finish_reason is not None:
@@ -141,10 +195,16 @@ class MeteredEngine:
                         aborted=not finished,
                         finish_reasons=[finish_reasons[i] for i in sorted(finish_reasons)],
                         replica=note.replica,
+                        cached_tokens=cached_tokens,
                     )
 
     async def health(self) -> EngineHealth:
         return await self._engine.health()
+
+    def _prioritized(self, sampling: SamplingSettings) -> SamplingSettings:
+        if self.priority == sampling.priority:
+            return sampling
+        return replace(sampling, priority=self.priority)
 
     def _count_call(self, sampling: SamplingSettings) -> None:
         self.usage.engine_calls += 1
@@ -171,8 +231,7 @@ class ScoringMeter:
 
     def after(self, generation: Generation) -> None:
         self.usage.reward_engine_calls += 1
-        self.usage.prompt_tokens += generation.prompt_tokens
-        self.usage.completion_tokens += generation.completion_tokens
+        self.usage.add_generation(generation)
 
 
 def current_scoring_meter() -> ScoringMeter | None:

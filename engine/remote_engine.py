@@ -208,8 +208,13 @@ class RemoteEngine(RendersLocally):
         if copies > 1:
             completions = tuple(_with_index(completions[0], i) for i in range(copies))
         usage = answer.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
         return Generation(
-            prompt_tokens=int(usage.get("prompt_tokens", len(ids))), completions=completions
+            prompt_tokens=int(usage.get("prompt_tokens", len(ids))),
+            completions=completions,
+            # A replica started with --enable-prompt-tokens-details reports its cache hits
+            # (for n > 1: one child's, the only figure vLLM's API gives).
+            cached_prefill_tokens=int(details.get("cached_tokens") or 0),
         )
 
     async def stream(
@@ -344,6 +349,9 @@ class RemoteEngine(RendersLocally):
                 body["structured_outputs"] = {"json_object": True}
         if s.extra_args:
             body["vllm_xargs"] = _flat_extra_args(s.extra_args)
+        if s.priority:
+            # Sent only when set: a replica without priority scheduling refuses any other.
+            body["priority"] = s.priority
         return body
 
     async def _stream_once(

@@ -46,6 +46,8 @@ class EngineCallRecord:
     finish_reasons: list[str] = field(default_factory=list)
     #: The fleet replica that answered (gateway mode); ``None`` for the in-process engine.
     replica: str | None = None
+    #: Prompt tokens read from the prefix cache, over the call's sequences.
+    cached_tokens: int = 0
 
     def export(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -60,6 +62,7 @@ class EngineCallRecord:
             "ignore_eos": self.ignore_eos,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
             "aborted": self.aborted,
             "finish_reasons": self.finish_reasons,
         }
@@ -145,8 +148,10 @@ class CallTimeline:
         aborted: bool = False,
         finish_reasons: list[str] | None = None,
         replica: str | None = None,
+        cached_tokens: int = 0,
     ) -> None:
         record.end = self.now()
+        record.cached_tokens = cached_tokens
         record.prompt_tokens = prompt_tokens
         record.completion_tokens = completion_tokens
         record.aborted = aborted

@@ -51,6 +51,8 @@ class VllmEngine(RendersLocally):
         deterministic: bool = False,
     ) -> None:
         self._llm = llm
+        scheduler = getattr(llm.vllm_config, "scheduler_config", None)
+        self._priority_scheduling = getattr(scheduler, "policy", "fcfs") == "priority"
         self._deterministic = deterministic
         self._temperature_heads = dict(temperature_heads or {})
         self._chat_template = chat_template
@@ -84,6 +86,8 @@ class VllmEngine(RendersLocally):
         temperature_heads: Mapping[str, str] | None = None,
         deterministic: bool = False,
         log_stats: bool = True,
+        block_size: int | None = None,
+        scheduling_policy: str = "fcfs",
     ) -> VllmEngine:
         """Build the engine (this spawns vLLM's engine-core process).
 
@@ -98,6 +102,10 @@ class VllmEngine(RendersLocally):
         Every engine carries the adaptive-temperature logits processor (a no-op for requests
         that do not opt in); ``temperature_heads`` maps head names to head files, which must
         have been trained on this model.
+
+        ``block_size`` is the KV cache's block in tokens, the unit of prefix-cache hits
+        (``None``: :func:`resolve_block_size`). ``scheduling_policy`` ``priority`` makes
+        vLLM run calls with a lower :attr:`SamplingSettings.priority` first.
         """
         from ttalign.engine import adaptive_replicas as adaptive
         from ttalign.engine.temperature_head import HeadFileError, available_heads
@@ -135,6 +143,8 @@ class VllmEngine(RendersLocally):
             tensor_parallel_size=tensor_parallel_size,
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching,
+            block_size=resolve_block_size(block_size),
+            scheduling_policy=scheduling_policy,
             enable_chunked_prefill=chunked_prefill_supported(),
             # vLLM keeps one set of Prometheus metrics per process: a second engine (the
             # judge's) would replace the policy engine's, so only one engine logs stats.
@@ -209,26 +219,28 @@ class VllmEngine(RendersLocally):
         from vllm.sampling_params import RequestOutputKind
 
         copies, request = greedy_copies(sampling)
-        final = None
-        async with aclosing(self._run(prompt, request, RequestOutputKind.FINAL_ONLY)) as outputs:
+        # vLLM runs n > 1 as child sequences and reports, at the end, only the last child's
+        # prefix-cache hits; read as deltas, every child's output carries its own.
+        kind = RequestOutputKind.FINAL_ONLY if request.n == 1 else RequestOutputKind.DELTA
+        parts: dict[int, _CompletionParts] = {}
+        prompt_tokens = 0
+        async with aclosing(self._run(prompt, request, kind)) as outputs:
             async for output in outputs:
-                final = output
-        assert final is not None, "vLLM finished a request without output"
-        completions = tuple(
-            Completion(
-                index=out.index,
-                text=out.text,
-                token_ids=tuple(out.token_ids),
-                finish_reason=_finish_reason(out.finish_reason),
-                logprobs=self._logprobs(out.logprobs, out.token_ids, sampling),
-                stop_reason=out.stop_reason,
-                cumulative_logprob=out.cumulative_logprob,
-            )
-            for out in sorted(final.outputs, key=lambda o: o.index)
-        )
+                prompt_tokens = len(output.prompt_token_ids or ())
+                for out in output.outputs:
+                    part = parts.setdefault(out.index, _CompletionParts(output.num_cached_tokens))
+                    part.add(out, self._logprobs(out.logprobs, out.token_ids, sampling))
+        assert parts, "vLLM finished a request without output"
+        completions = tuple(parts[index].completion(index) for index in sorted(parts))
+        cached = sum(part.cached_tokens for part in parts.values())
         if copies > 1:
             completions = tuple(replace(completions[0], index=i) for i in range(copies))
-        return Generation(prompt_tokens=len(final.prompt_token_ids or ()), completions=completions)
+        return Generation(
+            prompt_tokens=prompt_tokens,
+            completions=completions,
+            prefill_tokens=prompt_tokens * len(parts),
+            cached_prefill_tokens=cached,
+        )
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingSettings
@@ -251,6 +263,7 @@ class VllmEngine(RendersLocally):
                         logprobs=self._logprobs(out.logprobs, out.token_ids, sampling),
                         prompt_tokens=prompt_tokens,
                         stop_reason=out.stop_reason if out.finish_reason else None,
+                        cached_prefill_tokens=output.num_cached_tokens or 0,
                     )
                     for index in range(copies):
                         yield replace(delta, index=index) if copies > 1 else delta
@@ -296,7 +309,12 @@ class VllmEngine(RendersLocally):
             )
             self._running.add(request_id)
             submitted = True
-            request = self._llm.generate({"prompt_token_ids": list(token_ids)}, params, request_id)
+            request = self._llm.generate(
+                {"prompt_token_ids": list(token_ids)},
+                params,
+                request_id,
+                priority=sampling.priority if self._priority_scheduling else 0,
+            )
             async with aclosing(request) as outputs:
                 async for output in outputs:
                     finished = output.finished
@@ -372,6 +390,40 @@ class VllmEngine(RendersLocally):
         return decoded if decoded is not None else self._tokenizer.decode([token_id])
 
 
+class _CompletionParts:
+    """One completion assembled from its outputs (one final output, or deltas)."""
+
+    def __init__(self, cached_tokens: int | None) -> None:
+        self.cached_tokens = int(cached_tokens or 0)
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: Any = None
+        self.cumulative_logprob: float | None = None
+
+    def add(self, out: Any, logprobs: tuple[TokenLogprob, ...] | None) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        if logprobs is not None:
+            self.logprobs = [*(self.logprobs or ()), *logprobs]
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+            self.stop_reason = out.stop_reason
+        self.cumulative_logprob = out.cumulative_logprob
+
+    def completion(self, index: int) -> Completion:
+        return Completion(
+            index=index,
+            text=self.text,
+            token_ids=tuple(self.token_ids),
+            finish_reason=_finish_reason(self.finish_reason),
+            logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
+            stop_reason=self.stop_reason,
+            cumulative_logprob=self.cumulative_logprob,
+        )
+
+
 def model_sampling_defaults(model_config: Any) -> dict[str, float | int]:
     """The model's sampling defaults, read exactly as ``vllm serve`` reads them.
 
@@ -404,6 +456,22 @@ def resolve_kv_cache_memory(configured: int | None) -> int | None:
     from vllm.platforms import current_platform
 
     return DEFAULT_CPU_KV_CACHE_BYTES if current_platform.is_cpu() else None
+
+
+#: The KV block on vLLM's CPU build unless configured: its default of 128 tokens means a
+#: prompt shorter than 128 tokens never hits the prefix cache, and most strategies' prompts
+#: share prefixes of 30-120 tokens. 32 is the smallest block the CPU attention kernels are
+#: tuned for (chosen by measurement: benchmarks/results/prefix_cache/).
+DEFAULT_CPU_BLOCK_SIZE = 32
+
+
+def resolve_block_size(configured: int | None) -> int | None:
+    """The KV block size to ask vLLM for; ``None`` leaves a GPU build's default."""
+    if configured is not None:
+        return int(configured)
+    from vllm.platforms import current_platform
+
+    return DEFAULT_CPU_BLOCK_SIZE if current_platform.is_cpu() else None
 
 
 def chunked_prefill_supported() -> bool:

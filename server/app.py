@@ -131,6 +131,8 @@ def create_app(
             metrics.watch_replicas(
                 lambda: [p for p in (*fleets, *rewards.replica_pools()) if p is not None]
             )
+            if settings.engine != "remote":
+                metrics.export_engine_metrics()
             if embedder is not None:
                 cleanup.push_async_callback(embedder.close)
             if tracing is not None:

@@ -76,6 +76,8 @@ def build_engine(settings: ServerSettings) -> EngineClient | Awaitable[EngineCli
         enforce_eager=settings.enforce_eager,
         temperature_heads=temperature_heads(settings, model_path),
         deterministic=settings.deterministic,
+        block_size=settings.block_size,
+        scheduling_policy=settings.scheduling_policy,
     )
 
 
@@ -104,6 +106,7 @@ def build_judge_engine(
         enforce_eager=settings.enforce_eager,
         deterministic=settings.deterministic,
         log_stats=False,
+        block_size=settings.block_size,
     )
 
 

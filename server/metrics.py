@@ -101,12 +101,32 @@ class Metrics:
             registry=r,
         )
 
+    def export_engine_metrics(self) -> None:
+        """Also export the in-process vLLM engine's own ``vllm:*`` metrics (prefix-cache
+        queries and hits, tokens, queue times), which vLLM keeps in the process-wide
+        Prometheus registry."""
+        self.registry.register(VllmCollector())
+
     def watch_replicas(self, pools: Callable[[], Iterable[Any]]) -> None:
         """Export the replica pools ``pools()`` returns (see ``engine.replicas``)."""
         self.registry.register(ReplicaCollector(pools))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class VllmCollector:
+    """The ``vllm:*`` families of prometheus_client's process-wide registry, at scrape time."""
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client import REGISTRY
+
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
 
 
 class ReplicaCollector:

@@ -64,6 +64,9 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 #: Status recorded for requests whose client disconnected (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
+#: The engine priority of a search's calls under priority scheduling; plain requests' is 0,
+#: and vLLM runs lower values first.
+SEARCH_PRIORITY = 1
 
 
 @dataclass
@@ -264,7 +267,7 @@ class ChatCompletionService:
         )
         context = StrategyContext(
             request=self._alignment_request(request, messages, raw_prompt),
-            engine=MeteredEngine(self.engine, timeline),
+            engine=self._metered_engine(strategy, timeline),
             rewards=RewardResolver(
                 lambda name: self.rewards.get(name, constraints=tuple(request.constraints or ())),
                 timeline,
@@ -282,6 +285,17 @@ class ChatCompletionService:
             request, strategy, config, context, header, started, timeline,
             affinity_key=affinity_key or header.id, client_trace=dict(client_trace or {}),
         )  # fmt: skip
+
+    def _metered_engine(
+        self, strategy: Strategy[Any], timeline: CallTimeline | None
+    ) -> MeteredEngine:
+        """The request's view of the engine: a search's calls run after plain requests'
+        (priority scheduling) and at most ``max_engine_calls_in_flight`` at a time."""
+        if not strategy.searches:
+            return MeteredEngine(self.engine, timeline)
+        priority = SEARCH_PRIORITY if self.settings.scheduling_policy == "priority" else 0
+        cap = self.settings.max_engine_calls_in_flight or None
+        return MeteredEngine(self.engine, timeline, priority=priority, max_in_flight=cap)
 
     def _strategy(self, name: str | None) -> Strategy[Any]:
         name = name or self.settings.default_strategy
@@ -561,6 +575,10 @@ class ChatCompletionService:
             "rewards": [c.reward for c in result.choices],
             "stopped_early": result.stopped_early or prepared.context.deadline_reached,
             "engine_tokens": usage(engine_usage.prompt_tokens, engine_usage.completion_tokens),
+            "engine_prefill": {
+                "computed_tokens": engine_usage.prefill_computed_tokens,
+                "cached_tokens": engine_usage.prefill_cached_tokens,
+            },
             "reward_calls": reward_usage.calls,
             "reward_engine_calls": engine_usage.reward_engine_calls,
             "reward_seconds": round(reward_usage.seconds, 4),

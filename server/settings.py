@@ -87,6 +87,26 @@ class ServerSettings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True, description="Reuse KV cache across requests sharing a prompt prefix."
     )
+    block_size: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache block in tokens: the unit of prefix-cache hits. Unset: 32 on "
+        "the CPU build (vLLM's own 128 never hits a prompt shorter than 128 tokens), vLLM's "
+        "default on GPUs.",
+    )
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "priority",
+        description="priority: the engine runs plain requests' calls (strategy none, "
+        "adaptive_temperature) before searches' calls, so a search never makes a plain "
+        "request wait behind its queue. fcfs: first come, first served. In remote mode the "
+        "replicas must run vllm serve --scheduling-policy priority for it.",
+    )
+    max_engine_calls_in_flight: int = Field(
+        4,
+        ge=0,
+        description="Most engine calls one search request keeps in the engine at once; "
+        "its other calls wait in the server. 0: no cap.",
+    )
     seed: int = Field(0, description="Engine-wide seed for requests that send none.")
     deterministic: bool = Field(
         False,
@@ -162,9 +182,10 @@ class ServerSettings(BaseSettings):
     max_request_engine_tokens: int = Field(
         4_194_304,
         ge=1,
-        description="Compute budget of one request: engine tokens (prompt plus generated) "
-        "across all of its rounds, judge calls excluded. A strategy config whose first "
-        "round cannot fit is a 400; a search that reaches it stops early.",
+        description="Compute budget of one request: engine tokens computed across all of "
+        "its rounds (generated tokens, and prompt prefill the prefix cache did not hold, "
+        "per sequence), a served judge's included. A strategy config whose first round "
+        "cannot fit is a 400; a search that reaches it stops early.",
     )
     max_request_candidates: int = Field(
         65_536,

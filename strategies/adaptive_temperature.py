@@ -225,6 +225,7 @@ class AdaptiveTemperature(Strategy[AdaptiveTemperatureConfig]):
     config_model = AdaptiveTemperatureConfig
     streams_tokens = True
     completes_raw_prompts = True
+    searches = False
 
     def check(self, request: AlignmentRequest, config: AdaptiveTemperatureConfig) -> None:
         chosen = plan(request, config)

@@ -266,7 +266,7 @@ class StrategyContext:
         self.request.budget.admit(
             self.engine.usage,
             candidates=sampling.n,
-            tokens=prompt_tokens + sampling.n * sampling.max_tokens,
+            tokens=sampling.n * (prompt_tokens + sampling.max_tokens),
         )
         generation, cut = await generate_until(self.engine, prompt, sampling, self.deadline)
         self.deadline_reached |= cut
@@ -331,6 +331,9 @@ class Strategy(ABC, Generic[ConfigT]):
     #: Whether it serves a raw prompt (``/v1/completions``): only strategies that never
     #: rewrite the conversation (critiques, rewinds, mutations) can.
     completes_raw_prompts: ClassVar[bool] = False
+    #: Whether it makes many engine calls per reply (a search). The server may schedule a
+    #: search's calls after plain requests' and cap how many it has in flight.
+    searches: ClassVar[bool] = True
 
     def needs_reward(self, config: ConfigT) -> bool:
         """Whether this config consults a reward client (so its name is validated up front)."""

@@ -3,10 +3,13 @@
 Strategies check a config against the budget before any work (:meth:`ComputeBudget.check`,
 a 400 when even the first round cannot fit), and every engine call a strategy makes through
 its context is admitted first (:meth:`ComputeBudget.admit`): a call whose worst case, its
-prompt plus ``n * max_tokens``, would take the request past the budget is refused with
+prompt prefilled by each of its ``n`` sequences plus ``n * max_tokens``, would take the
+request past the budget is refused with
 :class:`~strategies.errors.BudgetExhausted`, and the search stops early with its best so
 far. The first call is always admitted: the up-front check already vouched for it, and
-without it there would be nothing to return. Reward-model and judge calls are not counted.
+without it there would be nothing to return. Engine tokens spent are the ones the engine
+computed: generated tokens and the prefill its prefix cache did not hold. A judge's calls
+on a served engine count too (``engine.metering.ScoringMeter``); remote reward models' do not.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class Usage(Protocol):
     candidates_generated: int
     prompt_tokens: int
     completion_tokens: int
+    prefill_computed_tokens: int
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class ComputeBudget:
             raise BudgetExhausted(
                 f"{candidates} more candidates would exceed the budget of {self.max_candidates}"
             )
-        spent = used.prompt_tokens + used.completion_tokens
+        spent = used.prefill_computed_tokens + used.completion_tokens
         if spent + tokens > self.max_engine_tokens:
             raise BudgetExhausted(
                 f"{tokens} more engine tokens would exceed the budget of "

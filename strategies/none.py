@@ -32,6 +32,7 @@ class PassThrough(Strategy[NoneConfig]):
     config_model = NoneConfig
     streams_tokens = True
     completes_raw_prompts = True
+    searches = False
 
     def check(self, request: AlignmentRequest, config: NoneConfig) -> None:
         request.budget.check(request.n, request.n * request.sampling.max_tokens, param="n")

@@ -263,6 +263,17 @@ async def test_a_replica_down_at_start_joins_when_it_comes_up(fleet, connect) ->
 # --- request bodies -----------------------------------------------------------------------
 
 
+async def test_priority_reaches_replicas_only_when_a_request_sets_one(fleet, make_engine) -> None:
+    engine = make_engine(fleet.urls[:1])
+    ids = await prompt()
+    await engine.generate(ids, SamplingSettings(max_tokens=2))
+    await engine.generate(ids, SamplingSettings(max_tokens=2, priority=1))
+    plain, search = fleet.fakes[0].completions
+    # A replica without priority scheduling refuses any priority field but 0.
+    assert "priority" not in plain.body
+    assert search.body["priority"] == 1
+
+
 async def test_generate_sends_token_ids_and_every_sampling_field(fleet, make_engine) -> None:
     engine = make_engine(fleet.urls[:1])
     ids = await prompt()

@@ -1,0 +1,149 @@
+"""Fair sharing of the engine and prefill metering, on the scripted fake engine.
+
+A search's calls carry a lower scheduling priority than plain requests' and at most
+``max_engine_calls_in_flight`` of them run in the engine at once; every call's prefill is
+metered per sequence, split into what the engine computed and what its prefix cache held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import openai
+import pytest
+from ttalign.engine.base import Generation, Prompt, SamplingSettings
+from ttalign.engine.metering import MeteredEngine
+from ttalign.server.app import create_app
+from ttalign.server.serving import SEARCH_PRIORITY
+from ttalign.strategies.budget import ComputeBudget
+from ttalign.strategies.errors import BudgetExhausted
+
+from tests.conftest import fake_settings
+from tests.fakes import FakeEngine
+from tests.servers import serve_in_thread
+
+CHAT = [{"role": "user", "content": "Name a colour."}]
+
+
+class CachingEngine(FakeEngine):
+    """A fake engine whose prefix cache holds ``cached`` tokens of every sequence's prompt."""
+
+    cached: int = 3
+
+    async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
+        generation = await super().generate(prompt, sampling)
+        sequences = len(generation.completions)
+        return replace(
+            generation,
+            prefill_tokens=generation.prompt_tokens * sequences,
+            cached_prefill_tokens=self.cached * sequences,
+        )
+
+
+async def test_prefill_is_metered_per_sequence_computed_apart_from_cached() -> None:
+    metered = MeteredEngine(CachingEngine())
+    await metered.generate("one two three four five", SamplingSettings(n=4, max_tokens=2))
+    usage = metered.usage
+    assert usage.prompt_tokens == 5  # the prompt, once per call (OpenAI's usage)
+    assert usage.prefill_cached_tokens == 4 * 3
+    assert usage.prefill_computed_tokens == 4 * (5 - 3)
+
+
+async def test_an_engine_that_reports_no_prefill_counts_one_full_prefill_per_sequence() -> None:
+    metered = MeteredEngine(FakeEngine())
+    await metered.generate("one two three", SamplingSettings(n=2, max_tokens=2))
+    assert (metered.usage.prefill_computed_tokens, metered.usage.prefill_cached_tokens) == (6, 0)
+
+
+async def test_streamed_sequences_count_their_prefill_once_each() -> None:
+    metered = MeteredEngine(FakeEngine())
+    stream = metered.stream("one two three", SamplingSettings(n=3, max_tokens=4))
+    deltas = [delta async for delta in stream]
+    assert len(deltas) > 3  # several deltas per sequence, one prefill each
+    assert metered.usage.prefill_computed_tokens == 3 * 3
+
+
+def test_the_budget_charges_computed_prefill_and_not_cached_prefill() -> None:
+    budget = ComputeBudget(max_engine_tokens=100)
+    metered = MeteredEngine(FakeEngine())
+    usage = metered.usage
+    usage.engine_calls, usage.prompt_tokens = 1, 500
+    usage.prefill_cached_tokens, usage.prefill_computed_tokens = 450, 50
+    budget.admit(usage, candidates=1, tokens=40)  # 50 computed + 40 fits in 100
+    usage.prefill_computed_tokens = 70
+    with pytest.raises(BudgetExhausted, match="70 spent"):
+        budget.admit(usage, candidates=1, tokens=40)
+
+
+async def test_every_call_carries_the_request_priority() -> None:
+    engine = FakeEngine()
+    metered = MeteredEngine(engine, priority=SEARCH_PRIORITY)
+    await metered.generate("hi", SamplingSettings(max_tokens=1))
+    async for _ in metered.stream("hi", SamplingSettings(max_tokens=1)):
+        pass
+    assert [call.sampling.priority for call in engine.calls] == [SEARCH_PRIORITY] * 2
+
+
+async def test_a_request_keeps_at_most_its_cap_of_calls_in_the_engine() -> None:
+    engine = FakeEngine(delay=0.05)
+    metered = MeteredEngine(engine, max_in_flight=2)
+    most = 0
+
+    async def call() -> None:
+        nonlocal most
+        task = asyncio.ensure_future(metered.generate("hi", SamplingSettings(max_tokens=1)))
+        while not task.done():
+            most = max(most, engine.running)
+            await asyncio.sleep(0.005)
+        await task
+
+    await asyncio.gather(*(call() for _ in range(6)))
+    assert len(engine.calls) == 6
+    assert most == 2
+
+
+async def test_a_capped_stream_holds_its_slot_until_it_closes() -> None:
+    engine = FakeEngine()
+    metered = MeteredEngine(engine, max_in_flight=1)
+    stream = metered.stream("hi there", SamplingSettings(max_tokens=3))
+    await stream.__anext__()
+    waiting = asyncio.ensure_future(metered.generate("hi", SamplingSettings(max_tokens=1)))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()  # the open stream holds the only slot
+    await stream.aclose()
+    await asyncio.wait_for(waiting, 1)
+
+
+@pytest.mark.parametrize(
+    ("policy", "cap", "search_priority"),
+    [("priority", 4, SEARCH_PRIORITY), ("fcfs", 0, 0)],
+)
+def test_searches_run_behind_plain_requests_through_the_api(
+    policy: str, cap: int, search_priority: int
+) -> None:
+    engine = FakeEngine()
+    settings = fake_settings(scheduling_policy=policy, max_engine_calls_in_flight=cap)
+    app = create_app(settings, engine_factory=lambda _: engine)
+    with serve_in_thread(app) as running:
+        client = openai.OpenAI(base_url=running.api_url, api_key="x", max_retries=0)
+        response = client.chat.completions.create(
+            model="fake-model", messages=CHAT, max_tokens=4, extra_body={"strategy": "none"}
+        )
+        assert [c.sampling.priority for c in engine.calls] == [0]
+        prefill = response.model_extra["alignment"]["engine_prefill"]
+        assert prefill["computed_tokens"] == len(engine.calls[0].prompt.split())  # fake: words
+        assert prefill["cached_tokens"] == 0
+        engine.calls.clear()
+        client.chat.completions.create(
+            model="fake-model",
+            messages=CHAT,
+            max_tokens=4,
+            extra_body={
+                "strategy": "best_of_n",
+                "strategy_config": {"n": 4},
+                "reward": "rules",
+                "constraints": [{"type": "word_count", "max": 2}],
+            },
+        )
+        assert {c.sampling.priority for c in engine.calls} == {search_priority}
