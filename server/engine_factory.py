@@ -77,7 +77,7 @@ def build_engine(settings: ServerSettings) -> EngineClient | Awaitable[EngineCli
         temperature_heads=temperature_heads(settings, model_path),
         deterministic=settings.deterministic,
         block_size=settings.block_size,
-        scheduling_policy=settings.scheduling_policy,
+        scheduling_policy=settings.resolved_scheduling_policy(),
     )
 
 

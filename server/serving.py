@@ -293,7 +293,8 @@ class ChatCompletionService:
         (priority scheduling) and at most ``max_engine_calls_in_flight`` at a time."""
         if not strategy.searches:
             return MeteredEngine(self.engine, timeline)
-        priority = SEARCH_PRIORITY if self.settings.scheduling_policy == "priority" else 0
+        prioritized = self.settings.resolved_scheduling_policy() == "priority"
+        priority = SEARCH_PRIORITY if prioritized else 0
         cap = self.settings.max_engine_calls_in_flight or None
         return MeteredEngine(self.engine, timeline, priority=priority, max_in_flight=cap)
 

