@@ -98,6 +98,12 @@ value_flag REPLICA_KV_CACHE_MEMORY_BYTES kv-cache-memory-bytes
 value_flag REPLICA_GPU_MEMORY_UTILIZATION gpu-memory-utilization
 value_flag REPLICA_TENSOR_PARALLEL_SIZE tensor-parallel-size
 value_flag REPLICA_SEED seed
+value_flag REPLICA_BLOCK_SIZE block-size
+value_flag REPLICA_SCHEDULING_POLICY scheduling-policy
+if [[ -n ${REPLICA_PROMPT_TOKENS_DETAILS:-} ]] \
+    && is_true REPLICA_PROMPT_TOKENS_DETAILS "$REPLICA_PROMPT_TOKENS_DETAILS"; then
+    cmd+=(--enable-prompt-tokens-details)
+fi
 bool_flag REPLICA_ENFORCE_EAGER enforce-eager
 bool_flag REPLICA_CHUNKED_PREFILL enable-chunked-prefill
 bool_flag REPLICA_PREFIX_CACHING enable-prefix-caching
