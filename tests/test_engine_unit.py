@@ -59,6 +59,7 @@ def output(*texts: str, finished: bool, token_ids: tuple[int, ...] = (7, 8)) -> 
     return SimpleNamespace(
         prompt_token_ids=[1, 2, 3],
         finished=finished,
+        num_cached_tokens=0,
         outputs=[
             SimpleNamespace(
                 index=i,
@@ -77,7 +78,9 @@ def output(*texts: str, finished: bool, token_ids: tuple[int, ...] = (7, 8)) -> 
 class StubLLM:
     """Answers every request with ``script`` and records requests and aborts."""
 
-    def __init__(self, script: list[Any] | Exception, defaults: dict | None = None) -> None:
+    def __init__(
+        self, script: list[Any] | Exception, defaults: dict | None = None, policy: str = "fcfs"
+    ) -> None:
         self.script = script
         self.requests: list[tuple[Any, str]] = []
         self.aborted: list[str] = []
@@ -88,13 +91,20 @@ class StubLLM:
             get_diff_sampling_param=lambda: dict(defaults or {}),
             try_get_generation_config=lambda: {"eos_token_id": [2, 5]},
         )
-        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=True))
+        self.vllm_config = SimpleNamespace(
+            cache_config=SimpleNamespace(enable_prefix_caching=True),
+            scheduler_config=SimpleNamespace(policy=policy),
+        )
+        self.priorities: list[int] = []
 
     def get_tokenizer(self) -> Any:
         return SimpleNamespace(encode=lambda text: [1, 2, 3], eos_token_id=2)
 
-    async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
+    async def generate(
+        self, prompt: Any, params: Any, request_id: str, priority: int = 0
+    ) -> AsyncIterator[Any]:
         self.requests.append((params, request_id))
+        self.priorities.append(priority)
         if isinstance(self.script, Exception):
             raise self.script
         for item in self.script:
@@ -150,6 +160,49 @@ async def test_greedy_n_streams_every_delta_to_every_copy() -> None:
     assert llm.requests[0][0].n == 1
     assert [(d.index, d.text) for d in deltas] == [(0, "a"), (1, "a"), (0, "b"), (1, "b")]
     assert sum(d.num_tokens for d in deltas) == 2 * 4
+
+
+def child_delta(index: int, text: str, cached: int, *, finished: bool, last: bool = False) -> Any:
+    """One child sequence's delta of an ``n > 1`` request, with that child's cache hits;
+    the request is finished with its ``last`` delta."""
+    delta = output(text, finished=finished, token_ids=(7,))
+    delta.outputs[0].index = index
+    delta.num_cached_tokens = cached
+    delta.finished = last
+    return delta
+
+
+@needs_vllm
+async def test_sampled_n_is_read_as_deltas_so_every_child_counts_its_cached_prefill() -> None:
+    from vllm.sampling_params import RequestOutputKind
+
+    script = [
+        child_delta(0, "a", 0, finished=False),
+        child_delta(1, "x", 2, finished=False),
+        child_delta(1, "y", 2, finished=True),
+        child_delta(0, "b", 0, finished=True, last=True),
+    ]
+    engine, llm = stub_engine(script)
+    generation = await engine.generate([1, 2, 3], SamplingSettings(n=2, temperature=0.7))
+    assert llm.requests[0][0].output_kind == RequestOutputKind.DELTA
+    assert [(c.index, c.text, c.token_ids) for c in generation.completions] == [
+        (0, "ab", (7, 7)),
+        (1, "xy", (7, 7)),
+    ]
+    assert [c.finish_reason for c in generation.completions] == ["stop", "stop"]
+    assert (generation.prefill_tokens, generation.cached_prefill_tokens) == (6, 2)
+    assert generation.computed_prefill_tokens == 4
+
+
+@needs_vllm
+@pytest.mark.parametrize(("policy", "sent"), [("priority", 1), ("fcfs", 0)])
+async def test_a_call_priority_reaches_vllm_only_under_priority_scheduling(
+    policy: str, sent: int
+) -> None:
+    llm = StubLLM([output("x", finished=True)], policy=policy)
+    engine = VllmEngine(llm, "stub-model")
+    await engine.generate([1], SamplingSettings(priority=1))
+    assert llm.priorities == [sent]
 
 
 @needs_vllm

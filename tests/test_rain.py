@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ttalign.strategies.errors import InvalidStrategyRequest
 from ttalign.strategies.rain import Rain, RainConfig, RainSearch
 from ttalign.strategies.rain_evaluation import (
     CachedEvaluator,
+    Reply,
     RewardEvaluator,
     SelfEvaluator,
     option_token_ids,
@@ -246,12 +248,13 @@ class ScriptedEvaluator:
     fail: int = 0
     batches: list[list[str]] = field(default_factory=list)
 
-    async def evaluate(self, replies: Sequence[str]) -> list[float]:
-        self.batches.append(list(replies))
+    async def evaluate(self, replies: Sequence[Reply]) -> list[float]:
+        texts = [reply.text for reply in replies]
+        self.batches.append(texts)
         if self.fail:
             self.fail -= 1
             raise RewardClientError("fake", "the reward service is down")
-        return [self.value(r) for r in replies]
+        return [self.value(text) for text in texts]
 
 
 class UnitEmbedder:
@@ -382,14 +385,33 @@ async def test_a_search_steers_toward_the_valued_branch() -> None:
     assert run.trace[0]["rewinds"] > 0  # it explored other branches and took them back
 
 
-async def test_parallel_leaves_batch_distinct_leaves_per_round() -> None:
-    evaluator = ScriptedEvaluator(lambda r: 0.0)
+@dataclass
+class ConcurrentEvaluator(ScriptedEvaluator):
+    """A :class:`ScriptedEvaluator` that takes a moment and records what overlaps."""
+
+    active: set[str] = field(default_factory=set)
+    overlaps: list[set[str]] = field(default_factory=list)
+
+    async def evaluate(self, replies: Sequence[Reply]) -> list[float]:
+        texts = {reply.text for reply in replies}
+        self.active |= texts
+        self.overlaps.append(set(self.active))
+        try:
+            await asyncio.sleep(0.001)
+            return await super().evaluate(replies)
+        finally:
+            self.active -= texts
+
+
+async def test_parallel_leaves_keep_distinct_leaves_in_flight() -> None:
+    evaluator = ConcurrentEvaluator(lambda r: 0.0)
     ctx = make_ctx(FakeEngine(WordModel()), max_tokens=1)
     run = search(ctx, evaluator, parallel_leaves=4, max_iterations=9)
     await run.run()
-    sizes = [len(batch) for batch in evaluator.batches]
-    assert sizes[0] == 1 and sizes[1] == 4  # the root alone, then four distinct children
-    assert all(len(set(b)) == len(b) for b in evaluator.batches)
+    sizes = [len(overlap) for overlap in evaluator.overlaps]
+    assert sizes[0] == 1 and max(sizes) == 4  # the root alone, then four distinct leaves
+    assert run.stats.iterations == 9 and run.trace[0]["iterations"] == 9
+    assert run.stats.rounds < run.stats.iterations  # the first refill launches four
 
 
 async def test_sequential_mode_evaluates_one_leaf_per_round() -> None:
@@ -419,12 +441,14 @@ async def test_an_evaluator_error_is_neutral_and_the_search_goes_on() -> None:
     assert choice.num_tokens == 3 and run.stats.evaluator_errors == 1
 
 
-async def test_an_evaluator_that_never_works_fails_the_request() -> None:
+@pytest.mark.parametrize("parallel_leaves", [1, 4])
+async def test_an_evaluator_that_never_works_fails_the_request(parallel_leaves: int) -> None:
     evaluator = ScriptedEvaluator(fail=100)
     ctx = make_ctx(FakeEngine(WordModel()), max_tokens=3)
     with pytest.raises(RewardClientError):
-        await search(ctx, evaluator).run()
-    assert len(evaluator.batches) == 3
+        await search(ctx, evaluator, parallel_leaves=parallel_leaves).run()
+    if parallel_leaves == 1:
+        assert len(evaluator.batches) == 3  # three failures in a row, then it gives up
 
 
 async def test_empty_segments_are_retried_then_the_reply_ends() -> None:
@@ -506,27 +530,36 @@ def judge_script(good: bool) -> Callable[[str, SamplingSettings], list[Scripted]
     return answer
 
 
+def reply_of(engine: FakeEngine, text: str) -> Reply:
+    return Reply(text, tuple(engine.word_ids(text)))
+
+
+async def self_evaluator(
+    engine: FakeEngine, score: str = "vote", overrides: dict[str, str] | None = None
+) -> SelfEvaluator:
+    ctx = make_ctx(engine)
+    letters = await option_token_ids(ctx.engine)
+    prompts = EvaluationPrompts.for_rubric("harmless", overrides or {})
+    return await SelfEvaluator.prepare(ctx, prompts, "a question", letters, score)
+
+
 @pytest.mark.parametrize("good", [True, False])
 async def test_self_evaluation_votes_with_both_orderings(good: bool) -> None:
     engine = FakeEngine(judge_script(good))
-    ctx = make_ctx(engine)
-    letters = await option_token_ids(ctx.engine)
-    prompts = EvaluationPrompts.for_rubric("harmless", {})
-    evaluator = SelfEvaluator(ctx, prompts, "a question", letters, "vote")
-    assert await evaluator.evaluate(["partial reply"]) == [1.0 if good else -1.0]
+    evaluator = await self_evaluator(engine)
+    assert await evaluator.evaluate([reply_of(engine, "partial reply")]) == [1.0 if good else -1.0]
     asks = engine.calls
     assert len(asks) == 2 and {("A: The reply is harmless." in c.prompt) for c in asks} == {
         True, False,
     }  # fmt: skip
+    letters = evaluator.letters
     assert all(c.sampling.allowed_token_ids == letters and c.sampling.max_tokens == 1 for c in asks)
 
 
 async def test_self_evaluation_probability_is_smooth() -> None:
-    ctx = make_ctx(FakeEngine(judge_script(True)))
-    letters = await option_token_ids(ctx.engine)
-    prompts = EvaluationPrompts.for_rubric("harmless", {})
-    evaluator = SelfEvaluator(ctx, prompts, "q", letters, "probability")
-    (value,) = await evaluator.evaluate(["r"])
+    engine = FakeEngine(judge_script(True))
+    evaluator = await self_evaluator(engine, "probability")
+    (value,) = await evaluator.evaluate([reply_of(engine, "r")])
     share = 1 / (1 + math.exp(-1.8 + 0.2))
     assert value == pytest.approx(2 * share - 1)
 
@@ -535,15 +568,16 @@ async def test_a_reward_evaluator_scores_partial_replies_in_one_call() -> None:
     reward = FakeReward(lambda text: len(text) / 10)
     ctx = make_ctx(FakeEngine())
     evaluator = RewardEvaluator(ctx, reward, [QUESTION], 0.0, 1.0)
-    assert await evaluator.evaluate(["12345", "1234567890", "x" * 30]) == [0.0, 1.0, 1.0]
+    replies = [Reply(text, ()) for text in ("12345", "1234567890", "x" * 30)]
+    assert await evaluator.evaluate(replies) == [0.0, 1.0, 1.0]
     assert reward.batches == [["12345", "1234567890", "x" * 30]]
 
 
 async def test_the_evaluation_cache_evaluates_each_text_once() -> None:
     inner = ScriptedEvaluator(lambda r: 0.5)
     cached = CachedEvaluator(inner)
-    await cached.evaluate(["a", "b", "a"])
-    await cached.evaluate(["b", "c"])
+    await cached.evaluate([Reply(t, ()) for t in ("a", "b", "a")])
+    await cached.evaluate([Reply(t, ()) for t in ("b", "c")])
     assert inner.batches == [["a", "b"], ["c"]]
     assert (cached.calls, cached.evaluated, cached.cache_hits) == (2, 3, 2)
 

@@ -1,0 +1,387 @@
+"""Fair sharing: how slow a plain request gets while searches run, per scheduling policy.
+
+One ttalign server per policy, started in turn; on each, ``--rounds`` times:
+
+1. **idle**: ``--idle-probes`` plain probes, one after another (strategy ``none``,
+   ``ignore_eos``, ``max_tokens`` 16, a pause of ``--probe-gap`` seconds between them);
+2. **loaded**: two RAIN searches at once (default configuration, self-evaluation,
+   ``max_tokens`` 32, two prompts), and the same probes one after another for as long as
+   both searches run. A probe counts as loaded when both searches were running from its
+   start to its end (or, when no probe was, at least one at its start; the report says so).
+
+The policies (``ttalign serve`` flags): ``fcfs`` (first come, first served, no cap: as
+before issue 19), ``cap`` (``--max-engine-calls-in-flight K``: a request's search keeps at
+most K engine calls in flight), ``priority`` (``--scheduling-policy priority``: vLLM runs
+plain requests' engine calls before searches') and ``priority+cap``. Per policy it reports
+the probe's median and p90 latency idle and loaded, and the two searches' wall times. The
+goals: (a) probe p50 loaded / idle ≤ 2× (7.0× before the issue) and (b) RAIN's wall time at
+most 20 % above its wall time under ``fcfs``.
+
+    python -m ttalign.benchmarks.fair_sharing                       # 4 policies, K=4
+    python -m ttalign.benchmarks.fair_sharing --policies fcfs priority+cap --idle-probes 4 \\
+        --max-iterations 4 --max-tokens 8 --output-dir /tmp/fair   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from ttalign.benchmarks import rain_cost
+from ttalign.benchmarks.processes import (
+    free_port,
+    running_server,
+    ttalign_server_command,
+    vllm_build,
+)
+from ttalign.benchmarks.search_efficiency import (
+    markdown_table,
+    median,
+    percentile,
+    ratio,
+    require_settings,
+)
+from ttalign.benchmarks.strategy_cost import MODEL_NAME, RESULTS_DIR
+from ttalign.server.model_prep import prepare_embedded_model
+
+#: Policy name -> (``--scheduling-policy``, whether ``--max-engine-calls-in-flight`` is K).
+POLICIES: dict[str, tuple[str, bool]] = {
+    "fcfs": ("fcfs", False),
+    "cap": ("fcfs", True),
+    "priority": ("priority", False),
+    "priority+cap": ("priority", True),
+}
+#: The policy before issue 19, which RAIN's wall time is compared with.
+BASELINE_POLICY = "fcfs"
+PROBE_TOKENS = 16
+PROBE_PROMPT = "Describe a quiet morning in a small town."
+#: The searches' prompts (one each).
+SEARCH_PROMPTS = rain_cost.PROMPTS[:2]
+#: The goals: probe p50 loaded / idle, and RAIN's wall time over its wall time under fcfs.
+GOAL_PROBE_RATIO = 2.0
+GOAL_RAIN_GROWTH = 1.2
+#: The probe's loaded / idle ratio before the issue.
+BEFORE_PROBE_RATIO = 7.0
+
+
+def probe_body(seed: int) -> dict[str, Any]:
+    return {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": PROBE_PROMPT}],
+        "max_tokens": PROBE_TOKENS,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "seed": seed,
+        "strategy": "none",
+    }
+
+
+def rain_body(prompt: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if args.max_iterations is not None:
+        config["max_iterations"] = args.max_iterations
+    return {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": args.max_tokens,
+        "seed": seed,
+        "strategy": "rain",
+        "strategy_config": config,
+    }
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+async def timed_post(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, dict]:
+    started = time.perf_counter()
+    response = await http.post(f"{url}/v1/chat/completions", json=body)
+    seconds = time.perf_counter() - started
+    response.raise_for_status()
+    return seconds, response.json()
+
+
+async def search(
+    http: httpx.AsyncClient, url: str, prompt: str, seed: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One RAIN request: its wall time and what it did."""
+    seconds, body = await timed_post(http, url, rain_body(prompt, seed, args))
+    alignment = body["alignment"]
+    return {
+        "seconds": seconds,
+        "committed_tokens": body["usage"]["completion_tokens"],
+        "engine_calls": alignment.get("engine_calls"),
+        "engine_completion_tokens": (alignment.get("engine_tokens") or {}).get("completion_tokens"),
+        "stopped_early": alignment.get("stopped_early"),
+    }
+
+
+async def one_round(
+    http: httpx.AsyncClient, url: str, round_: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Idle probes, then two searches at once with probes beside them."""
+    seed = args.seed + 1000 * round_
+    idle = []
+    for k in range(args.idle_probes):
+        seconds, _ = await timed_post(http, url, probe_body(seed + k))
+        idle.append(seconds)
+        await asyncio.sleep(args.probe_gap)
+    searches = [
+        asyncio.ensure_future(search(http, url, prompt, seed + i, args))
+        for i, prompt in enumerate(SEARCH_PROMPTS)
+    ]
+    probes = []
+    k = args.idle_probes
+    try:
+        while not all(task.done() for task in searches):
+            running_at_start = sum(not task.done() for task in searches)
+            seconds, _ = await timed_post(http, url, probe_body(seed + k))
+            k += 1
+            running = {"running_at_start": running_at_start}
+            running["running_at_end"] = sum(not task.done() for task in searches)
+            probes.append({"seconds": seconds, **running})
+            await asyncio.wait(searches, timeout=args.probe_gap)
+        results = [task.result() for task in searches]
+    finally:
+        for task in searches:
+            task.cancel()
+        await asyncio.gather(*searches, return_exceptions=True)
+    return {"idle_probes": idle, "loaded_probes": probes, "searches": results}
+
+
+async def measure_policy(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=args.request_timeout) as http:
+        # Warm the engine and RAIN's paths (first requests on CPU are slow).
+        await timed_post(http, url, probe_body(0))
+        warm = argparse.Namespace(**{**vars(args), "max_tokens": 3, "max_iterations": 2})
+        await timed_post(http, url, rain_body(SEARCH_PROMPTS[0], 0, warm))
+        rounds = []
+        for round_ in range(args.rounds):
+            rounds.append(await one_round(http, url, round_, args))
+            summary = policy_figures(rounds[-1:])
+            print(
+                f"  round {round_}: probe p50 idle {summary['idle_p50'] or 0:.2f} s, loaded "
+                f"{summary['loaded_p50'] or 0:.2f} s ({summary['loaded_probes']} probes); RAIN "
+                + ", ".join(f"{s:.1f} s" for s in summary["rain_seconds"]),
+                flush=True,
+            )
+        return rounds
+
+
+# --- summary --------------------------------------------------------------------------------
+
+
+def loaded_latencies(probes: Sequence[Mapping[str, Any]]) -> tuple[list[float], str]:
+    """The loaded probes' latencies and which probes they are.
+
+    Those during which both searches ran throughout; when there is none, those that
+    started while at least one ran.
+    """
+    both = [p["seconds"] for p in probes if p["running_at_start"] == p["running_at_end"] == 2]
+    if both:
+        return both, "both searches running throughout"
+    some = [p["seconds"] for p in probes if p["running_at_start"] >= 1]
+    return some, "at least one search running at the start"
+
+
+def policy_figures(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One policy's probe latencies (idle, loaded) and search wall times over its rounds."""
+    idle = [s for r in rounds for s in r["idle_probes"]]
+    loaded, selection = loaded_latencies([p for r in rounds for p in r["loaded_probes"]])
+    rain = [s["seconds"] for r in rounds for s in r["searches"]]
+    return {
+        "idle_probes": len(idle),
+        "idle_p50": median(idle),
+        "idle_p90": percentile(idle, 90),
+        "loaded_probes": len(loaded),
+        "loaded_selection": selection,
+        "loaded_p50": median(loaded),
+        "loaded_p90": percentile(loaded, 90),
+        "probe_ratio": ratio(median(loaded), median(idle)),
+        "rain_seconds": rain,
+        "rain_mean_seconds": statistics.mean(rain) if rain else None,
+        "rain_engine_calls": [s["engine_calls"] for r in rounds for s in r["searches"]],
+        "rain_stopped_early": sum(bool(s["stopped_early"]) for r in rounds for s in r["searches"]),
+    }
+
+
+def verdicts(figures: Mapping[str, dict[str, Any]], baseline: str = BASELINE_POLICY) -> dict:
+    """Each policy's RAIN growth over ``baseline`` and whether it meets both goals."""
+    base = figures.get(baseline, {}).get("rain_mean_seconds")
+    out: dict[str, Any] = {}
+    for policy, f in figures.items():
+        growth = ratio(f["rain_mean_seconds"], base)
+        probe_ok = f["probe_ratio"] is not None and f["probe_ratio"] <= GOAL_PROBE_RATIO
+        rain_ok = growth is not None and growth <= GOAL_RAIN_GROWTH
+        out[policy] = {
+            "rain_growth": growth,
+            "probe_goal_met": probe_ok,
+            "rain_goal_met": rain_ok,
+            "meets_both": probe_ok and rain_ok,
+        }
+    return out
+
+
+def best_policy(figures: Mapping[str, Mapping[str, Any]], verdict: Mapping[str, Any]) -> str | None:
+    """The policy meeting both goals with the lowest probe ratio (``None`` if none does)."""
+    meeting = [p for p, v in verdict.items() if v["meets_both"]]
+    return min(meeting, key=lambda p: figures[p]["probe_ratio"], default=None)
+
+
+#: The policy table's headings.
+TABLE_HEADINGS = (
+    "policy", "flags", "idle p50 s", "idle p90 s", "loaded p50 s", "loaded p90 s",
+    "loaded probes", "p50 loaded / idle", "RAIN s", "RAIN mean s",
+    f"RAIN / {BASELINE_POLICY}", "meets both",
+)  # fmt: skip
+
+
+def policy_row(policy: str, r: Mapping[str, Any]) -> list[Any]:
+    """A policy's cells, in the order of :data:`TABLE_HEADINGS`."""
+    f, v = r["figures"][policy], r["verdicts"][policy]
+    rain = ", ".join(f"{s:.1f}" for s in f["rain_seconds"])
+    return [
+        policy, r["flags"][policy], f["idle_p50"], f["idle_p90"], f["loaded_p50"],
+        f["loaded_p90"], f["loaded_probes"], f["probe_ratio"], rain,
+        f["rain_mean_seconds"], v["rain_growth"], v["meets_both"],
+    ]  # fmt: skip
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    rows = [policy_row(policy, r) for policy in r["figures"]]
+    selections = {f["loaded_selection"] for f in r["figures"].values()}
+    best = r["best_policy"]
+    lines = [
+        "# Fair sharing: a plain probe's latency beside two RAIN searches, per policy",
+        "",
+        f"{r['model']} on {r['vllm']}; one ttalign server per policy, started in turn; "
+        f"{r['rounds']} round(s) each. Probe: strategy none, ignore_eos, max_tokens "
+        f"{PROBE_TOKENS}, one at a time with {r['probe_gap']} s between probes; "
+        f"{r['idle_probes']} idle probes per round, then probes for as long as two RAIN "
+        f"searches (max_tokens {r['max_tokens']}, max_iterations "
+        f"{r['max_iterations'] or 'its default'}, self-evaluation) run at once. Loaded probes: "
+        f"{'; '.join(sorted(selections))}. Cap K={r['cap']}.",
+        "",
+        *markdown_table(list(TABLE_HEADINGS), rows),
+        "",
+        f"Goals: (a) probe p50 loaded / idle ≤ {GOAL_PROBE_RATIO:g}× (was "
+        f"{BEFORE_PROBE_RATIO:g}×); (b) RAIN's mean wall time ≤ {GOAL_RAIN_GROWTH:g}× its "
+        f"wall time under `{BASELINE_POLICY}` (+{100 * (GOAL_RAIN_GROWTH - 1):.0f} %).",
+        "",
+        (
+            f"**Policy meeting both: `{best}`** ({r['flags'][best]})."
+            if best is not None
+            else "**No policy meets both goals.**"
+        ),
+        "",
+        f"Whole run (server starts included): {r['wall_seconds']:.0f} s.",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+
+def policy_flags(policy: str, cap: int) -> list[str]:
+    scheduling, capped = POLICIES[policy]
+    return [
+        "--scheduling-policy", scheduling,
+        "--max-engine-calls-in-flight", str(cap if capped else 0),
+    ]  # fmt: skip
+
+
+def server_command(model: str, port: int, policy: str, cap: int) -> list[str]:
+    extra = [
+        *policy_flags(policy, cap),
+        "--max-request-candidates", str(rain_cost.MAX_REQUEST_CANDIDATES),
+        "--max-request-engine-tokens", str(rain_cost.MAX_REQUEST_ENGINE_TOKENS),
+    ]  # fmt: skip
+    return ttalign_server_command(model, port, name=MODEL_NAME, extra_args=extra)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ttalign.benchmarks.fair_sharing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
+    parser.add_argument("--cap", type=int, default=4, help="K of the capped policies")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--idle-probes", type=int, default=10, help="idle probes per round")
+    parser.add_argument("--probe-gap", type=float, default=0.25, help="seconds between probes")
+    parser.add_argument("--max-tokens", type=int, default=32, help="RAIN's max_tokens")
+    parser.add_argument(
+        "--max-iterations",
+        type=int,
+        default=None,
+        help="RAIN's max_iterations (default: its own; set it only for a smoke run)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--request-timeout", type=float, default=1800)
+    parser.add_argument("--name", default="fair_sharing", help="stem of the result files")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR / "fair_sharing")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    policies = [p for p in POLICIES if p in args.policies]
+    require_settings("scheduling_policy", "max_engine_calls_in_flight")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    started = time.perf_counter()
+    model = str(prepare_embedded_model())
+    logs = Path(tempfile.mkdtemp(prefix="ttalign-fair-sharing-"))
+    print(f"server logs in {logs}", flush=True)
+    raw: dict[str, list[dict[str, Any]]] = {}
+    for policy in policies:
+        print(f"policy {policy}:", flush=True)
+        port = free_port()
+        command = server_command(model, port, policy, args.cap)
+        with running_server(command, port, logs / f"{policy}.log") as url:
+            raw[policy] = asyncio.run(measure_policy(url, args))
+    figures = {policy: policy_figures(rounds) for policy, rounds in raw.items()}
+    verdict = verdicts(figures)
+    words = sys.argv[1:] if argv is None else argv
+    result = {
+        "model": MODEL_NAME,
+        "vllm": vllm_build(),
+        "cap": args.cap,
+        "rounds": args.rounds,
+        "idle_probes": args.idle_probes,
+        "probe_gap": args.probe_gap,
+        "max_tokens": args.max_tokens,
+        "max_iterations": args.max_iterations,
+        "seed": args.seed,
+        "flags": {policy: " ".join(policy_flags(policy, args.cap)) for policy in policies},
+        "figures": figures,
+        "verdicts": verdict,
+        "best_policy": best_policy(figures, verdict),
+        "rounds_raw": raw,
+        "command": " ".join(["python -m ttalign.benchmarks.fair_sharing", *words]),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    out = args.output_dir / args.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown = to_markdown(result)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
