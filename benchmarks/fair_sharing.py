@@ -26,14 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,21 +40,35 @@ from ttalign.benchmarks.processes import (
     vllm_build,
 )
 from ttalign.benchmarks.search_efficiency import (
+    add_rain_options,
+    add_run_options,
+    argument_parser,
+    command_line,
     markdown_table,
     median,
     percentile,
+    plain_body,
+    rain_body,
     ratio,
     require_settings,
+    run_footer,
+    start_run,
+    timed_chat,
+    warm_up,
+    with_sizes,
+    write_results,
 )
 from ttalign.benchmarks.strategy_cost import MODEL_NAME, RESULTS_DIR
-from ttalign.server.model_prep import prepare_embedded_model
 
 #: Policy name -> (``--scheduling-policy``, whether ``--max-engine-calls-in-flight`` is K).
-POLICIES: dict[str, tuple[str, bool]] = {
-    "fcfs": ("fcfs", False),
-    "cap": ("fcfs", True),
-    "priority": ("priority", False),
-    "priority+cap": ("priority", True),
+#: Policy name: (scheduling policy, capped, the fair gate's sequences beside plain or None).
+POLICIES: dict[str, tuple[str, bool, int | None]] = {
+    "fcfs": ("fcfs", False, None),
+    "cap": ("fcfs", True, None),
+    "priority": ("priority", False, None),
+    "priority+cap": ("priority", True, None),
+    "gate": ("priority", False, 0),
+    "gate-16": ("priority", False, 16),
 }
 #: The policy before issue 19, which RAIN's wall time is compared with.
 BASELINE_POLICY = "fcfs"
@@ -75,47 +84,18 @@ BEFORE_PROBE_RATIO = 7.0
 
 
 def probe_body(seed: int) -> dict[str, Any]:
-    return {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": PROBE_PROMPT}],
-        "max_tokens": PROBE_TOKENS,
-        "temperature": 1.0,
-        "ignore_eos": True,
-        "seed": seed,
-        "strategy": "none",
-    }
-
-
-def rain_body(prompt: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    if args.max_iterations is not None:
-        config["max_iterations"] = args.max_iterations
-    return {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": args.max_tokens,
-        "seed": seed,
-        "strategy": "rain",
-        "strategy_config": config,
-    }
+    """The plain probe; the searches are :func:`~search_efficiency.rain_body`."""
+    return plain_body(PROBE_PROMPT, PROBE_TOKENS, seed)
 
 
 # --- measuring ------------------------------------------------------------------------------
-
-
-async def timed_post(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, dict]:
-    started = time.perf_counter()
-    response = await http.post(f"{url}/v1/chat/completions", json=body)
-    seconds = time.perf_counter() - started
-    response.raise_for_status()
-    return seconds, response.json()
 
 
 async def search(
     http: httpx.AsyncClient, url: str, prompt: str, seed: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One RAIN request: its wall time and what it did."""
-    seconds, body = await timed_post(http, url, rain_body(prompt, seed, args))
+    seconds, body = await timed_chat(http, url, rain_body(prompt, seed, args))
     alignment = body["alignment"]
     return {
         "seconds": seconds,
@@ -133,7 +113,7 @@ async def one_round(
     seed = args.seed + 1000 * round_
     idle = []
     for k in range(args.idle_probes):
-        seconds, _ = await timed_post(http, url, probe_body(seed + k))
+        seconds, _ = await timed_chat(http, url, probe_body(seed + k))
         idle.append(seconds)
         await asyncio.sleep(args.probe_gap)
     searches = [
@@ -145,7 +125,7 @@ async def one_round(
     try:
         while not all(task.done() for task in searches):
             running_at_start = sum(not task.done() for task in searches)
-            seconds, _ = await timed_post(http, url, probe_body(seed + k))
+            seconds, _ = await timed_chat(http, url, probe_body(seed + k))
             k += 1
             running = {"running_at_start": running_at_start}
             running["running_at_end"] = sum(not task.done() for task in searches)
@@ -161,10 +141,8 @@ async def one_round(
 
 async def measure_policy(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(timeout=args.request_timeout) as http:
-        # Warm the engine and RAIN's paths (first requests on CPU are slow).
-        await timed_post(http, url, probe_body(0))
-        warm = argparse.Namespace(**{**vars(args), "max_tokens": 3, "max_iterations": 2})
-        await timed_post(http, url, rain_body(SEARCH_PROMPTS[0], 0, warm))
+        small = with_sizes(args, max_tokens=3, max_iterations=2)
+        await warm_up(http, url, [probe_body(0), rain_body(SEARCH_PROMPTS[0], 0, small)])
         rounds = []
         for round_ in range(args.rounds):
             rounds.append(await one_round(http, url, round_, args))
@@ -284,10 +262,7 @@ def to_markdown(r: dict[str, Any]) -> str:
             else "**No policy meets both goals.**"
         ),
         "",
-        f"Whole run (server starts included): {r['wall_seconds']:.0f} s.",
-        "",
-        f"Command: `{r['command']}`",
-        "",
+        *run_footer(r),
     ]
     return "\n".join(lines)
 
@@ -296,44 +271,34 @@ def to_markdown(r: dict[str, Any]) -> str:
 
 
 def policy_flags(policy: str, cap: int) -> list[str]:
-    scheduling, capped = POLICIES[policy]
+    scheduling, capped, beside_plain = POLICIES[policy]
+    gate = (
+        ["--no-fair-gate"]
+        if beside_plain is None
+        else ["--fair-gate", "--search-sequences-beside-plain", str(beside_plain)]
+    )
     return [
         "--scheduling-policy", scheduling,
-        "--max-engine-calls-in-flight", str(cap if capped else 0),
+        "--max-engine-calls-in-flight", str(cap if capped else 0), *gate,
     ]  # fmt: skip
 
 
 def server_command(model: str, port: int, policy: str, cap: int) -> list[str]:
-    extra = [
-        *policy_flags(policy, cap),
-        "--max-request-candidates", str(rain_cost.MAX_REQUEST_CANDIDATES),
-        "--max-request-engine-tokens", str(rain_cost.MAX_REQUEST_ENGINE_TOKENS),
-    ]  # fmt: skip
+    extra = [*policy_flags(policy, cap), *rain_cost.budget_flags()]
     return ttalign_server_command(model, port, name=MODEL_NAME, extra_args=extra)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m ttalign.benchmarks.fair_sharing",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argument_parser("fair_sharing", __doc__)
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
     parser.add_argument("--cap", type=int, default=4, help="K of the capped policies")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--idle-probes", type=int, default=10, help="idle probes per round")
     parser.add_argument("--probe-gap", type=float, default=0.25, help="seconds between probes")
-    parser.add_argument("--max-tokens", type=int, default=32, help="RAIN's max_tokens")
-    parser.add_argument(
-        "--max-iterations",
-        type=int,
-        default=None,
-        help="RAIN's max_iterations (default: its own; set it only for a smoke run)",
+    add_rain_options(parser, own_iterations="its own")
+    add_run_options(
+        parser, name="fair_sharing", output_dir=RESULTS_DIR / "fair_sharing", request_timeout=1800
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--request-timeout", type=float, default=1800)
-    parser.add_argument("--name", default="fair_sharing", help="stem of the result files")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR / "fair_sharing")
     return parser.parse_args(argv)
 
 
@@ -341,11 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     policies = [p for p in POLICIES if p in args.policies]
     require_settings("scheduling_policy", "max_engine_calls_in_flight")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.perf_counter()
-    model = str(prepare_embedded_model())
-    logs = Path(tempfile.mkdtemp(prefix="ttalign-fair-sharing-"))
-    print(f"server logs in {logs}", flush=True)
+    model, logs = start_run("ttalign-fair-sharing-")
     raw: dict[str, list[dict[str, Any]]] = {}
     for policy in policies:
         print(f"policy {policy}:", flush=True)
@@ -355,7 +317,6 @@ def main(argv: list[str] | None = None) -> None:
             raw[policy] = asyncio.run(measure_policy(url, args))
     figures = {policy: policy_figures(rounds) for policy, rounds in raw.items()}
     verdict = verdicts(figures)
-    words = sys.argv[1:] if argv is None else argv
     result = {
         "model": MODEL_NAME,
         "vllm": vllm_build(),
@@ -371,16 +332,10 @@ def main(argv: list[str] | None = None) -> None:
         "verdicts": verdict,
         "best_policy": best_policy(figures, verdict),
         "rounds_raw": raw,
-        "command": " ".join(["python -m ttalign.benchmarks.fair_sharing", *words]),
+        "command": command_line("fair_sharing", argv),
         "wall_seconds": time.perf_counter() - started,
     }
-    out = args.output_dir / args.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = to_markdown(result)
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(args.output_dir / args.name, result, to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -26,14 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,6 +41,9 @@ from ttalign.benchmarks.processes import (
     vllm_build,
 )
 from ttalign.benchmarks.search_efficiency import (
+    add_run_options,
+    argument_parser,
+    command_line,
     counter_delta,
     hit_rate,
     markdown_table,
@@ -54,10 +52,15 @@ from ttalign.benchmarks.search_efficiency import (
     ratio,
     relative_half_range,
     require_settings,
+    run_footer,
     settled_counters,
+    start_run,
+    timed_chat,
+    warm_up,
+    with_sizes,
+    write_results,
 )
 from ttalign.benchmarks.strategy_cost import CONSTRAINTS, MODEL_NAME, RESULTS_DIR
-from ttalign.server.model_prep import prepare_embedded_model
 
 STRATEGIES = ("none", "best_of_n", "tpo", "darwin", "rain")
 #: Distinct user turns; strategy ``s`` uses its own slice, so no strategy hits the cache on
@@ -130,11 +133,8 @@ async def measure_strategy(
     requests = []
     for k in range(args.requests):
         body = request_body(strategy, prompt_for(index, k, args.requests), args.seed + k, args)
-        started = time.perf_counter()
-        response = await http.post(f"{url}/v1/chat/completions", json=body)
-        seconds = time.perf_counter() - started
-        response.raise_for_status()
-        alignment = response.json()["alignment"]
+        seconds, response = await timed_chat(http, url, body)
+        alignment = response["alignment"]
         tokens = alignment["engine_tokens"]
         requests.append(
             {
@@ -184,12 +184,10 @@ def strategy_figures(
 async def measure_server(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """Every strategy's figures on one server, after a warm-up request of each."""
     async with httpx.AsyncClient(timeout=args.request_timeout) as http:
-        warm = argparse.Namespace(
-            **{**vars(args), "max_tokens": 4, "rain_max_tokens": 2, "rain_max_iterations": 2}
+        small = with_sizes(args, max_tokens=4, rain_max_tokens=2, rain_max_iterations=2)
+        await warm_up(
+            http, url, [request_body(s, WARM_UP_PROMPT, 0, small) for s in args.strategies]
         )
-        for strategy in args.strategies:
-            body = request_body(strategy, WARM_UP_PROMPT, 0, warm)
-            (await http.post(f"{url}/v1/chat/completions", json=body)).raise_for_status()
         return {
             strategy: await measure_strategy(http, url, strategy, STRATEGIES.index(strategy), args)
             for strategy in args.strategies
@@ -333,10 +331,7 @@ def to_markdown(r: dict[str, Any]) -> str:
             "rates were reported)."
         ),
         "",
-        f"Whole run (server starts included): {r['wall_seconds']:.0f} s.",
-        "",
-        f"Command: `{r['command']}`",
-        "",
+        *run_footer(r),
     ]
     return "\n".join(lines)
 
@@ -345,20 +340,12 @@ def to_markdown(r: dict[str, Any]) -> str:
 
 
 def server_command(model: str, port: int, block_size: int) -> list[str]:
-    budget = [
-        "--max-request-candidates", str(rain_cost.MAX_REQUEST_CANDIDATES),
-        "--max-request-engine-tokens", str(rain_cost.MAX_REQUEST_ENGINE_TOKENS),
-    ]  # fmt: skip
-    extra = ["--block-size", str(block_size), *budget]
+    extra = ["--block-size", str(block_size), *rain_cost.budget_flags()]
     return ttalign_server_command(model, port, name=MODEL_NAME, extra_args=extra)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m ttalign.benchmarks.prefix_cache",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argument_parser("prefix_cache", __doc__)
     parser.add_argument(
         "--block-sizes", type=int, nargs="+", default=list(DEFAULT_BLOCK_SIZES), metavar="N"
     )
@@ -385,10 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_TOLERANCE,
         help="least relative throughput drop that counts as more than noise",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--request-timeout", type=float, default=900)
-    parser.add_argument("--name", default="prefix_cache", help="stem of the result files")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR / "prefix_cache")
+    add_run_options(
+        parser, name="prefix_cache", output_dir=RESULTS_DIR / "prefix_cache", request_timeout=900
+    )
     args = parser.parse_args(argv)
     if args.baseline_block_size not in args.block_sizes:
         args.block_sizes.insert(0, args.baseline_block_size)
@@ -398,11 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     require_settings("block_size")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.perf_counter()
-    model = str(prepare_embedded_model())
-    logs = Path(tempfile.mkdtemp(prefix="ttalign-prefix-cache-"))
-    print(f"server logs in {logs}", flush=True)
+    model, logs = start_run("ttalign-prefix-cache-")
     runs: list[dict[str, Any]] = []
     for block_size in args.block_sizes:
         print(f"block size {block_size}:", flush=True)
@@ -417,7 +400,6 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(
                 {"block_size": block_size, "strategies": None, "error": str(error).splitlines()[0]}
             )
-    words = sys.argv[1:] if argv is None else argv
     result = {
         "model": MODEL_NAME,
         "vllm": vllm_build(),
@@ -435,16 +417,10 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "runs": runs,
         "choice": choose_block_size(runs, args.baseline_block_size, args.tolerance),
-        "command": " ".join(["python -m ttalign.benchmarks.prefix_cache", *words]),
+        "command": command_line("prefix_cache", argv),
         "wall_seconds": time.perf_counter() - started,
     }
-    out = args.output_dir / args.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = to_markdown(result)
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(args.output_dir / args.name, result, to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import statistics
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 
 import httpx
 from ttalign.benchmarks.processes import free_port, running_server, ttalign_server_command
+from ttalign.benchmarks.search_efficiency import command_line, write_results
 from ttalign.benchmarks.strategy_cost import MODEL_NAME, RESULTS_DIR, Endpoints
 from ttalign.server.model_prep import prepare_embedded_model
 from ttalign.strategies.rain import RainConfig
@@ -66,6 +66,17 @@ DEFAULT_MAX_ITERATIONS = RainConfig.model_fields["max_iterations"].default
 #: The server's per-request compute budget here: far above what any sized run uses.
 MAX_REQUEST_CANDIDATES = 1_000_000
 MAX_REQUEST_ENGINE_TOKENS = 1_000_000_000
+
+
+def budget_flags(
+    candidates: int = MAX_REQUEST_CANDIDATES, engine_tokens: int = MAX_REQUEST_ENGINE_TOKENS
+) -> list[str]:
+    """``ttalign serve``'s per-request budget flags (by default, a budget RAIN never reaches)."""
+    return [
+        "--max-request-candidates", str(candidates),
+        "--max-request-engine-tokens", str(engine_tokens),
+    ]  # fmt: skip
+
 
 #: Per-request numbers whose medians the summary reports, with their table headings.
 COLUMNS = {
@@ -409,24 +420,17 @@ def main(argv: list[str] | None = None) -> None:
     port = free_port()
     command = [
         *ttalign_server_command(model, port, name=MODEL_NAME),
-        "--max-request-candidates", str(args.max_request_candidates),
-        "--max-request-engine-tokens", str(args.max_request_engine_tokens),
-    ]  # fmt: skip
+        *budget_flags(args.max_request_candidates, args.max_request_engine_tokens),
+    ]
     with running_server(command, port, logs / "ttalign.log") as url:
         print(
             f"ttalign ready at {url} ({time.perf_counter() - started:.0f} s); logs in {logs}",
             flush=True,
         )
         result = asyncio.run(run(args, url))
-    words = sys.argv[1:] if argv is None else argv
-    result["command"] = " ".join(["python -m ttalign.benchmarks.rain_cost", *words])
+    result["command"] = command_line("rain_cost", argv)
     result["wall_seconds"] = time.perf_counter() - started
-    out = args.output_dir / args.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
-    print(to_markdown(result))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(args.output_dir / args.name, result, to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -29,10 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -40,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from ttalign.benchmarks import chat_prompts, rain_cost
+from ttalign.benchmarks import chat_prompts, rain_cost, search_efficiency
 from ttalign.benchmarks.critical_path import critical_path_seconds, replay
 from ttalign.benchmarks.processes import (
     free_port,
@@ -50,19 +46,29 @@ from ttalign.benchmarks.processes import (
     vllm_server_command,
 )
 from ttalign.benchmarks.search_efficiency import (
+    add_rain_options,
+    add_run_options,
+    argument_parser,
     baseline_tree,
+    command_line,
     counter_delta,
     from_tree,
     markdown_table,
     median,
     per_token,
+    plain_body,
     ratio,
     request_prefill,
+    run_footer,
     setting_default,
     settled_counters,
+    start_run,
+    timed_chat,
+    warm_up,
+    with_sizes,
+    write_results,
 )
 from ttalign.benchmarks.strategy_cost import MODEL_NAME, RESULTS_DIR
-from ttalign.server.model_prep import prepare_embedded_model
 
 #: RAIN's prompts first, then the throughput prompts: the default takes the first five.
 PROMPTS = [*rain_cost.PROMPTS, *chat_prompts.PROMPTS]
@@ -114,43 +120,11 @@ REQUEST_COLUMNS = {
 
 
 def rain_body(prompt: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """RAIN as served, on its tree's default configuration, with the call timeline."""
-    config: dict[str, Any] = {}
-    if args.max_iterations is not None:
-        config["max_iterations"] = args.max_iterations
-    return {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": args.max_tokens,
-        "seed": seed,
-        "strategy": "rain",
-        "strategy_config": config,
-        "return_trace": True,
-    }
+    """RAIN as served, on its tree's default configuration, with the call timeline.
 
-
-def plain_body(prompt: str, tokens: int, seed: int) -> dict[str, Any]:
-    """Plain generation of exactly ``tokens`` tokens on the same prompt."""
-    return {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": tokens,
-        "temperature": 1.0,
-        "ignore_eos": True,
-        "seed": seed,
-        "strategy": "none",
-    }
-
-
-async def chat(
-    http: httpx.AsyncClient, base_url: str, body: dict[str, Any]
-) -> tuple[float, dict[str, Any]]:
-    """POST a chat completion; (wall seconds, response JSON)."""
-    started = time.perf_counter()
-    response = await http.post(f"{base_url}/v1/chat/completions", json=body)
-    seconds = time.perf_counter() - started
-    response.raise_for_status()
-    return seconds, response.json()
+    Its plain twin is :func:`~search_efficiency.plain_body` of as many tokens.
+    """
+    return search_efficiency.rain_body(prompt, seed, args, return_trace=True)
 
 
 def measurement(
@@ -210,19 +184,20 @@ async def measure_phase(
     rows: list[dict[str, Any]] = []
     timelines: list[list[dict[str, Any]] | None] = []
     async with httpx.AsyncClient(timeout=args.request_timeout) as http:
-        # Warm the engine and RAIN's paths (first requests on CPU are slow).
-        await chat(http, url, {**plain_body(PROMPTS[-1], 8, 0), "n": 2})
-        warm = argparse.Namespace(**{**vars(args), "max_tokens": 3, "max_iterations": 2})
-        await chat(http, url, rain_body(PROMPTS[-1], 0, warm))
+        small = with_sizes(args, max_tokens=3, max_iterations=2)
+        await warm_up(
+            http, url, [{**plain_body(PROMPTS[-1], 8, 0), "n": 2}, rain_body(PROMPTS[-1], 0, small)]
+        )
         for index, prompt in enumerate(PROMPTS[: args.prompts]):
             seed = args.seed + index
             before = await settled_counters(http, url)
-            rain_seconds, body = await chat(http, url, rain_body(prompt, seed, args))
+            rain_seconds, body = await timed_chat(http, url, rain_body(prompt, seed, args))
             delta = counter_delta(before, await settled_counters(http, url))
             committed = body["usage"]["completion_tokens"]
             plain_seconds = None
             if committed:
-                plain_seconds, plain = await chat(http, url, plain_body(prompt, committed, seed))
+                twin = plain_body(prompt, committed, seed)
+                plain_seconds, plain = await timed_chat(http, url, twin)
                 produced = plain["usage"]["completion_tokens"]
                 assert produced == committed, f"plain made {produced} tokens, not {committed}"
             row, timeline = measurement(rain_seconds, body, plain_seconds, delta)
@@ -337,10 +312,7 @@ def to_markdown(r: dict[str, Any]) -> str:
             [[q[key] for key in REQUEST_COLUMNS] for q in r["requests"]],
         ),
         "",
-        f"Whole run (server starts included): {r['wall_seconds']:.0f} s.",
-        "",
-        f"Command: `{r['command']}`",
-        "",
+        *run_footer(r),
     ]
     return "\n".join(lines)
 
@@ -364,11 +336,7 @@ def ttalign_command(
     phase: str, model: str, port: int, tree: Path | None, args: argparse.Namespace
 ) -> list[str]:
     """ttalign for ``phase``: call timelines with prompts, and a budget RAIN never reaches."""
-    extra = [
-        "--trace-engine-prompts",
-        "--max-request-candidates", str(rain_cost.MAX_REQUEST_CANDIDATES),
-        "--max-request-engine-tokens", str(rain_cost.MAX_REQUEST_ENGINE_TOKENS),
-    ]  # fmt: skip
+    extra = ["--trace-engine-prompts", *rain_cost.budget_flags()]
     if phase == "after" and args.after_block_size is not None:
         extra += ["--block-size", str(args.after_block_size)]
     command = ttalign_server_command(model, port, name=MODEL_NAME, extra_args=extra)
@@ -393,11 +361,7 @@ def vllm_command(model: str, port: int, block_size: int | None) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m ttalign.benchmarks.rain_efficiency",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argument_parser("rain_efficiency", __doc__)
     parser.add_argument(
         "--prompts",
         type=int,
@@ -407,14 +371,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"how many of the built-in prompts to use (default: {DEFAULT_PROMPTS})",
     )
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    parser.add_argument("--max-tokens", type=int, default=32, help="RAIN's max_tokens")
-    parser.add_argument(
-        "--max-iterations",
-        type=int,
-        default=None,
-        help="RAIN's max_iterations (default: each tree's own; set it only for a smoke run)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_rain_options(parser, own_iterations="each tree's own")
     parser.add_argument("--before-ref", default=BEFORE_REF, help="baseline commit (%(default)s)")
     parser.add_argument(
         "--before-tree",
@@ -429,23 +386,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="--block-size of the after server (default: none given, its own default)",
     )
-    parser.add_argument(
-        "--request-timeout", type=float, default=1800, help="seconds one request may take"
+    add_run_options(
+        parser, name="rain_efficiency", output_dir=RESULTS_DIR / "rain", request_timeout=1800
     )
-    parser.add_argument("--name", default="rain_efficiency", help="stem of the result files")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR / "rain")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     phases = [phase for phase in PHASES if phase in args.phases]
-    # A SIGTERM unwinds like Ctrl-C, so the servers below are stopped with their engines.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.perf_counter()
-    model = str(prepare_embedded_model())
-    logs = Path(tempfile.mkdtemp(prefix="ttalign-rain-efficiency-"))
-    print(f"server logs in {logs}", flush=True)
+    model, logs = start_run("ttalign-rain-efficiency-")
     # Before issue 19 ttalign had no --block-size: vLLM's default (128 tokens on CPU).
     replay_block = {"before": None, "after": after_block_size(args)}
     rows: list[dict[str, Any]] = []
@@ -463,7 +414,6 @@ def main(argv: list[str] | None = None) -> None:
             with running_server(command, port, logs / f"{phase}-vllm.log") as url:
                 asyncio.run(replay_phase(url, phase_rows, timelines))
             rows += phase_rows
-    words = sys.argv[1:] if argv is None else argv
     result = {
         "model": MODEL_NAME,
         "vllm": vllm_build(),
@@ -475,15 +425,10 @@ def main(argv: list[str] | None = None) -> None:
         "replay_block_size": {phase: replay_block[phase] for phase in phases},
         **summarize(rows, phases),
         "requests": rows,
-        "command": " ".join(["python -m ttalign.benchmarks.rain_efficiency", *words]),
+        "command": command_line("rain_efficiency", argv),
         "wall_seconds": time.perf_counter() - started,
     }
-    out = args.output_dir / args.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
-    print(to_markdown(result))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(args.output_dir / args.name, result, to_markdown(result))
 
 
 if __name__ == "__main__":

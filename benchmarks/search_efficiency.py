@@ -4,18 +4,25 @@
 Prometheus counters from a server's ``/metrics``, take each request's prefill from its
 ``alignment.engine_prefill`` (or from those counters, or report ``None`` on a server that
 has neither), summarize latencies by median and percentile, and start ttalign either from
-this tree or from an older one (``benchmarks/run_from_tree.py``). Nothing here does I/O
-except :func:`scrape_counters`, :func:`settled_counters` and :func:`baseline_tree`.
+this tree or from an older one (``benchmarks/run_from_tree.py``). They also share their
+request bodies, their command-line options and how a run starts and writes its results.
+Nothing here does I/O except :func:`scrape_counters`, :func:`settled_counters`,
+:func:`timed_chat`, :func:`warm_up`, :func:`worktree`, :func:`baseline_tree`,
+:func:`start_run` and :func:`write_results`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import math
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +30,8 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from ttalign.benchmarks.strategy_cost import MODEL_NAME
+from ttalign.server.model_prep import prepare_embedded_model
 
 #: The repository root (the ``ttalign`` package's folder).
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +129,62 @@ def request_prefill(alignment: Mapping[str, Any], delta: Counters | None) -> dic
     if queries is not None and hits is not None:
         return {"computed_tokens": queries - hits, "cached_tokens": hits, "source": "counters"}
     return {"computed_tokens": None, "cached_tokens": None, "source": None}
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+def plain_body(prompt: str, tokens: int, seed: int) -> dict[str, Any]:
+    """Plain generation of exactly ``tokens`` tokens on ``prompt`` (strategy ``none``)."""
+    return {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "seed": seed,
+        "strategy": "none",
+    }
+
+
+def rain_body(prompt: str, seed: int, args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
+    """RAIN as served, on its tree's default configuration, sized by ``args.max_tokens`` and
+    ``args.max_iterations`` (``None``: RAIN's own), with further request ``fields``."""
+    config: dict[str, Any] = {}
+    if args.max_iterations is not None:
+        config["max_iterations"] = args.max_iterations
+    return {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": args.max_tokens,
+        "seed": seed,
+        "strategy": "rain",
+        "strategy_config": config,
+        **fields,
+    }
+
+
+def with_sizes(args: argparse.Namespace, **sizes: Any) -> argparse.Namespace:
+    """A copy of ``args`` with other request sizes, e.g. a warm-up request's small ones."""
+    return argparse.Namespace(**{**vars(args), **sizes})
+
+
+async def timed_chat(
+    http: httpx.AsyncClient, base_url: str, body: dict[str, Any]
+) -> tuple[float, dict[str, Any]]:
+    """POST a chat completion; (wall seconds, response JSON)."""
+    started = time.perf_counter()
+    response = await http.post(f"{base_url}/v1/chat/completions", json=body)
+    seconds = time.perf_counter() - started
+    response.raise_for_status()
+    return seconds, response.json()
+
+
+async def warm_up(http: httpx.AsyncClient, base_url: str, bodies: Iterable[dict[str, Any]]) -> None:
+    """POST each chat completion in turn, unmeasured: first requests on CPU are slow (the
+    engine's and each strategy's first paths)."""
+    for body in bodies:
+        (await http.post(f"{base_url}/v1/chat/completions", json=body)).raise_for_status()
 
 
 # --- statistics -------------------------------------------------------------------------------
@@ -233,13 +298,8 @@ def from_tree(command: Sequence[str], tree: Path) -> list[str]:
 
 
 @contextmanager
-def baseline_tree(tree: Path | None, ref: str) -> Iterator[Path]:
-    """``tree`` when given; else a detached git worktree of ``ref``, removed at the end."""
-    if tree is not None:
-        if not (tree / "server" / "__init__.py").is_file():
-            raise SystemExit(f"{tree} is not a ttalign source tree (no server/__init__.py)")
-        yield tree
-        return
+def worktree(ref: str) -> Iterator[Path]:
+    """A detached git worktree of ``ref``, removed at the end."""
     folder = Path(tempfile.mkdtemp(prefix="ttalign-baseline-")) / "tree"
     subprocess.run(
         ["git", "worktree", "add", "--detach", str(folder), ref],
@@ -249,3 +309,99 @@ def baseline_tree(tree: Path | None, ref: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=REPO, check=False)
+
+
+@contextmanager
+def baseline_tree(tree: Path | None, ref: str) -> Iterator[Path]:
+    """``tree`` when given; else a :func:`worktree` of ``ref``, removed at the end."""
+    if tree is not None:
+        if not (tree / "server" / "__init__.py").is_file():
+            raise SystemExit(f"{tree} is not a ttalign source tree (no server/__init__.py)")
+        yield tree
+        return
+    with worktree(ref) as folder:
+        yield folder
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def command_prefix(module: str) -> str:
+    """How a benchmark module is run: ``python -m ttalign.benchmarks.<module>``."""
+    return f"python -m ttalign.benchmarks.{module}"
+
+
+def argument_parser(module: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of benchmark ``module``'s command line; ``description`` is its docstring."""
+    return argparse.ArgumentParser(
+        prog=command_prefix(module),
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_rain_options(parser: argparse.ArgumentParser, own_iterations: str) -> None:
+    """``--max-tokens`` and ``--max-iterations``, which size :func:`rain_body`.
+
+    ``own_iterations`` says whose default ``max_iterations`` RAIN runs without the flag.
+    """
+    parser.add_argument("--max-tokens", type=int, default=32, help="RAIN's max_tokens")
+    parser.add_argument(
+        "--max-iterations",
+        type=int,
+        default=None,
+        help=f"RAIN's max_iterations (default: {own_iterations}; set it only for a smoke run)",
+    )
+
+
+def add_run_options(
+    parser: argparse.ArgumentParser, *, name: str, output_dir: Path, request_timeout: float
+) -> None:
+    """``--seed``, ``--request-timeout``, ``--name`` and ``--output-dir``, with these defaults."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=request_timeout,
+        help="seconds one request may take",
+    )
+    parser.add_argument("--name", default=name, help="stem of the result files")
+    parser.add_argument("--output-dir", type=Path, default=output_dir)
+
+
+def start_run(log_prefix: str) -> tuple[str, Path]:
+    """A run's start: the embedded model's folder and a new folder for the server logs.
+
+    A SIGTERM from here on unwinds like Ctrl-C, so the servers the run starts are stopped
+    with their engines.
+    """
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    model = str(prepare_embedded_model())
+    logs = Path(tempfile.mkdtemp(prefix=log_prefix))
+    print(f"server logs in {logs}", flush=True)
+    return model, logs
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command line that ran benchmark ``module`` (``argv``, else this process's)."""
+    words = sys.argv[1:] if argv is None else argv
+    return " ".join([command_prefix(module), *words])
+
+
+def run_footer(result: Mapping[str, Any]) -> list[str]:
+    """A report's last lines: the whole run's wall time and its command line."""
+    return [
+        f"Whole run (server starts included): {result['wall_seconds']:.0f} s.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+    ]
+
+
+def write_results(out: Path, result: Mapping[str, Any], markdown: str) -> None:
+    """``result`` as ``out``.json and ``markdown`` as ``out``.md; the markdown printed too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

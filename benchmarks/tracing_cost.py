@@ -29,18 +29,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 from ttalign.benchmarks.otlp_collector import OtlpCollector
 from ttalign.benchmarks.processes import Server, free_port, running_servers, ttalign_server_command
+from ttalign.benchmarks.search_efficiency import REPO, from_tree, worktree
 from ttalign.server.model_prep import prepare_embedded_model
 
 RESULTS_DIR = Path(__file__).parent / "results" / "tracing"
-REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "smollm2"
 VARIANTS = ("no_tracing_code", "tracing_off", "tracing_on")
 #: The file whose first commit added tracing: the default baseline is that commit's parent.
@@ -67,20 +65,6 @@ def default_baseline_ref() -> str:
     return f"{commits[-1]}^"
 
 
-@contextmanager
-def worktree(ref: str) -> Iterator[Path]:
-    """A detached git worktree of ``ref``, removed at the end."""
-    folder = Path(tempfile.mkdtemp(prefix="ttalign-baseline-")) / "tree"
-    subprocess.run(
-        ["git", "worktree", "add", "--detach", str(folder), ref],
-        cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
-    try:
-        yield folder
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=REPO, check=False)
-
-
 def servers(tree: Path, collector: OtlpCollector, log_dir: Path) -> list[Server]:
     model = str(prepare_embedded_model())
     ports = [free_port() for _ in VARIANTS]
@@ -89,12 +73,7 @@ def servers(tree: Path, collector: OtlpCollector, log_dir: Path) -> list[Server]
         for variant, port in zip(VARIANTS, ports, strict=True)
     }
     # The baseline runs the same CLI, but from the older tree.
-    baseline = commands["no_tracing_code"]
-    cli = baseline.index("ttalign.server.cli")
-    commands["no_tracing_code"] = [
-        sys.executable, str(REPO / "benchmarks" / "run_from_tree.py"), str(tree),
-        *baseline[cli + 1 :],
-    ]  # fmt: skip
+    commands["no_tracing_code"] = from_tree(commands["no_tracing_code"], tree)
     commands["tracing_on"] = [*commands["tracing_on"], "--otlp-traces-endpoint", collector.url]
     exporter_env = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
     return [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, aclosing, nullcontext
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing, nullcontext
 from dataclasses import dataclass, replace
 
 from ttalign.engine.base import (
@@ -16,6 +16,7 @@ from ttalign.engine.base import (
     Prompt,
     SamplingSettings,
 )
+from ttalign.engine.fair_gate import FairGate
 from ttalign.engine.routing import current_routing, noting_call
 from ttalign.engine.timeline import CallTimeline
 
@@ -58,7 +59,9 @@ class MeteredEngine:
     Fair sharing: every call carries the request's ``priority`` (see
     :attr:`SamplingSettings.priority`), and with ``max_in_flight`` at most that many of the
     request's calls run in the engine at once; the others wait here, not in the engine's
-    queue, so one search cannot fill the engine's batch ahead of other requests.
+    queue, so one search cannot fill the engine's batch ahead of other requests. With a
+    server-wide :class:`~ttalign.engine.fair_gate.FairGate`, a search's calls also wait
+    while plain requests (``searches=False``) are in the engine.
     """
 
     def __init__(
@@ -68,12 +71,16 @@ class MeteredEngine:
         *,
         priority: int = 0,
         max_in_flight: int | None = None,
+        fair_gate: FairGate | None = None,
+        searches: bool = False,
     ) -> None:
         self._engine = engine
         self.usage = EngineUsage()
         self.timeline = timeline
         self.priority = priority
         self._gate = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._fair_gate = fair_gate
+        self._searches = searches
 
     @property
     def model_name(self) -> str:
@@ -115,7 +122,7 @@ class MeteredEngine:
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         sampling = self._prioritized(sampling)
-        async with self._gate or nullcontext():
+        async with self._gate or nullcontext(), self._turn(sampling):
             return await self._generate(prompt, sampling)
 
     async def _generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
@@ -149,6 +156,7 @@ class MeteredEngine:
         async with AsyncExitStack() as stack:
             if self._gate is not None:
                 await stack.enter_async_context(self._gate)
+            await stack.enter_async_context(self._turn(sampling))
             async with aclosing(self._stream(prompt, sampling)) as deltas:
                 async for delta in deltas:
                     yield delta
@@ -200,6 +208,14 @@ class MeteredEngine:
 
     async def health(self) -> EngineHealth:
         return await self._engine.health()
+
+    def _turn(self, sampling: SamplingSettings) -> AbstractAsyncContextManager[None]:
+        """Wait for this call's turn at the server-wide gate, and hold it while it runs."""
+        if self._fair_gate is None:
+            return nullcontext()
+        if self._searches:
+            return self._fair_gate.search(sampling.n)
+        return self._fair_gate.plain()
 
     def _prioritized(self, sampling: SamplingSettings) -> SamplingSettings:
         if self.priority == sampling.priority:

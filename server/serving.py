@@ -23,6 +23,7 @@ from ttalign.engine.base import (
     SamplingSettings,
     StructuredOutput,
 )
+from ttalign.engine.fair_gate import FairGate
 from ttalign.engine.metering import MeteredEngine, ScoringMeter
 from ttalign.engine.routing import RequestRouting, request_routing
 from ttalign.engine.timeline import CallTimeline
@@ -215,6 +216,10 @@ class ChatCompletionService:
         self.gateway = settings.engine == "remote"
         #: Exports a span per request (``None``: tracing is off).
         self.tracing = tracing
+        #: Holds searches' calls back while plain requests are in the engine.
+        self.fair_gate = (
+            FairGate(settings.search_sequences_beside_plain) if settings.fair_gate else None
+        )
 
     # --- validation -------------------------------------------------------------------------
 
@@ -290,13 +295,19 @@ class ChatCompletionService:
         self, strategy: Strategy[Any], timeline: CallTimeline | None
     ) -> MeteredEngine:
         """The request's view of the engine: a search's calls run after plain requests'
-        (priority scheduling) and at most ``max_engine_calls_in_flight`` at a time."""
+        (priority scheduling), at most ``max_engine_calls_in_flight`` at a time, and few
+        while plain requests are in the engine (the fair gate)."""
         if not strategy.searches:
-            return MeteredEngine(self.engine, timeline)
+            return MeteredEngine(self.engine, timeline, fair_gate=self.fair_gate)
         prioritized = self.settings.resolved_scheduling_policy() == "priority"
-        priority = SEARCH_PRIORITY if prioritized else 0
-        cap = self.settings.max_engine_calls_in_flight or None
-        return MeteredEngine(self.engine, timeline, priority=priority, max_in_flight=cap)
+        return MeteredEngine(
+            self.engine,
+            timeline,
+            priority=SEARCH_PRIORITY if prioritized else 0,
+            max_in_flight=self.settings.max_engine_calls_in_flight or None,
+            fair_gate=self.fair_gate,
+            searches=True,
+        )
 
     def _strategy(self, name: str | None) -> Strategy[Any]:
         name = name or self.settings.default_strategy

@@ -108,6 +108,19 @@ class ServerSettings(BaseSettings):
         description="Most engine calls one search request keeps in the engine at once; "
         "its other calls wait in the server. 0: no cap.",
     )
+    fair_gate: bool = Field(
+        True,
+        description="While plain requests are in the engine, hold new search calls back "
+        "(searches keep at most --search-sequences-beside-plain sequences in flight, and "
+        "always one call). The CPU engine is compute-bound: without it a plain request "
+        "beside two RAIN searches took 10x its idle latency.",
+    )
+    search_sequences_beside_plain: int = Field(
+        0,
+        ge=0,
+        description="Sequences all searches together may keep in the engine while plain "
+        "requests are in it (the fair gate); at least one search call always runs.",
+    )
     seed: int = Field(0, description="Engine-wide seed for requests that send none.")
     deterministic: bool = Field(
         False,

