@@ -21,6 +21,7 @@ issue); per request, RAIN wall / plain and RAIN wall / exact bound; medians over
 The goal: after, RAIN ≤ 1.2× its exact bound and ≤ 40× plain generation.
 
     python -m ttalign.benchmarks.rain_efficiency                     # 5 prompts, both phases
+    python -m ttalign.benchmarks.rain_efficiency --bound-phases after  # no bound for before
     python -m ttalign.benchmarks.rain_efficiency --phases after --prompts 1 \\
         --max-iterations 4 --max-tokens 8 --output-dir /tmp/rain-eff  # a smoke run
 """
@@ -371,6 +372,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"how many of the built-in prompts to use (default: {DEFAULT_PROMPTS})",
     )
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    parser.add_argument(
+        "--bound-phases",
+        nargs="*",
+        choices=PHASES,
+        default=list(PHASES),
+        help="phases whose exact bound is measured (a replay as long as the phase itself)",
+    )
     add_rain_options(parser, own_iterations="each tree's own")
     parser.add_argument("--before-ref", default=BEFORE_REF, help="baseline commit (%(default)s)")
     parser.add_argument(
@@ -409,10 +417,11 @@ def main(argv: list[str] | None = None) -> None:
             command = ttalign_command(phase, model, port, tree, args)
             with running_server(command, port, logs / f"{phase}-ttalign.log") as url:
                 phase_rows, timelines = asyncio.run(measure_phase(url, phase, args))
-            port = free_port()
-            command = vllm_command(model, port, replay_block[phase])
-            with running_server(command, port, logs / f"{phase}-vllm.log") as url:
-                asyncio.run(replay_phase(url, phase_rows, timelines))
+            if phase in args.bound_phases:
+                port = free_port()
+                command = vllm_command(model, port, replay_block[phase])
+                with running_server(command, port, logs / f"{phase}-vllm.log") as url:
+                    asyncio.run(replay_phase(url, phase_rows, timelines))
             rows += phase_rows
     result = {
         "model": MODEL_NAME,
