@@ -8,7 +8,7 @@ metered per sequence, split into what the engine computed and what its prefix ca
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import openai
 import pytest
@@ -186,17 +186,35 @@ async def test_a_stream_of_plain_requests_never_starves_searches() -> None:
         await asyncio.wait_for(second, 1)
 
 
+@dataclass
+class HeldEngine(FakeEngine):
+    """A fake engine whose call on the prompt ``held`` runs until :attr:`release` is set."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
+        generation = await super().generate(prompt, sampling)
+        if prompt == "held":
+            await self.release.wait()
+        return generation
+
+
 async def test_metered_calls_take_their_turn_at_the_fair_gate() -> None:
     gate = FairGate()
-    engine = FakeEngine(delay=0.05)
+    engine = HeldEngine()
     plain = MeteredEngine(engine, fair_gate=gate)
     search = MeteredEngine(engine, fair_gate=gate, searches=True)
-    first = asyncio.ensure_future(search.generate("a", SamplingSettings(max_tokens=1)))
-    await asyncio.sleep(0.01)
-    served = asyncio.ensure_future(plain.generate("b", SamplingSettings(max_tokens=1)))
-    await asyncio.sleep(0.01)
-    held = asyncio.ensure_future(search.generate("c", SamplingSettings(n=2, max_tokens=1)))
-    await asyncio.sleep(0.01)
-    assert [call.prompt for call in engine.calls] == ["a", "b"]  # "c" waits for "b"
-    await asyncio.gather(first, served, held)
-    assert [call.prompt for call in engine.calls] == ["a", "b", "c"]
+    first = asyncio.ensure_future(search.generate("held", SamplingSettings(max_tokens=1)))
+    while not engine.calls:
+        await asyncio.sleep(0)
+    async with gate.plain():  # a plain request in the engine
+        served = await plain.generate("b", SamplingSettings(max_tokens=1))
+        held = asyncio.ensure_future(search.generate("c", SamplingSettings(n=2, max_tokens=1)))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        # One search call is in the engine; another waits while plain requests run.
+        assert [call.prompt for call in engine.calls] == ["held", "b"]
+    await asyncio.wait_for(held, 5)
+    engine.release.set()
+    await asyncio.wait_for(first, 5)
+    assert served.completions and [call.prompt for call in engine.calls] == ["held", "b", "c"]
