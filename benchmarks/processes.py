@@ -171,9 +171,8 @@ def vllm_server_command(model: str, port: int, *, name: str, eager: bool = True)
     chunking = [] if chunked_prefill_supported() else ["--no-enable-chunked-prefill"]
     block = resolve_block_size(None)
     blocks = [] if block is None else ["--block-size", str(block)]
-    # Priority scheduling, so a gateway in front may schedule searches behind plain calls
-    # (a call without a priority runs as before); cached-token counts for its metering.
-    fairness = ["--scheduling-policy", "priority", "--enable-prompt-tokens-details"]
+    # Cached-token counts for a gateway's metering.
+    fairness = ["--enable-prompt-tokens-details"]
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         *_engine_flags(model, port, name, eager, "--kv-cache-memory-bytes"), *chunking,

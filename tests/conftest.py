@@ -95,8 +95,6 @@ def fleet_settings(replicas: list[VllmReplica], **overrides: object) -> ServerSe
         "engine_urls": ",".join(r.url for r in replicas),
         # Fast enough for the kill test to watch a replica leave and rejoin.
         "health_check_interval": 0.5,
-        # The replicas schedule by priority (benchmarks.processes.vllm_server_command).
-        "scheduling_policy": "priority",
         **overrides,
     }
     return real_engine_settings(**values)
