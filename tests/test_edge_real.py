@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -583,4 +584,7 @@ def test_health_answers_at_once_while_the_engine_is_busy(real_server: RunningSer
             timings.append(time.monotonic() - started)
             assert health.status_code == 200
             assert health.json()["engine"]["healthy"] is True
-    assert max(timings) < 0.5, timings
+    # The server shares two busy cores with the engine and the test itself, so one poll may
+    # stall for a scheduling hiccup (1.03 s once in CI); waiting on the engine would cost
+    # every poll seconds, and the check's own timeout is 5 s.
+    assert statistics.median(timings) < 0.5 and max(timings) < 3.0, timings

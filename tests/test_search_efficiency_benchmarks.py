@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from ttalign.strategies.best_of_n import BestOfNConfig
 from ttalign.strategies.darwin import DarwinConfig
 from ttalign.strategies.rain import RainConfig
 from ttalign.strategies.tpo import TPOConfig
+
+#: Server commands ask the installed vLLM about its platform (block size, chunked prefill).
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
 
 
 def serve_settings(command: list[str]):
@@ -155,6 +159,7 @@ def test_markdown_table_formats_cells() -> None:
 # --- search_efficiency: servers -----------------------------------------------------------
 
 
+@needs_vllm
 def test_from_tree_runs_the_same_serve_command_from_another_tree() -> None:
     command = ttalign_server_command(
         "/m", 8123, name="smollm2", extra_args=["--trace-engine-prompts"]
@@ -336,6 +341,7 @@ def test_rain_markdown_has_both_phases_the_goal_and_the_command() -> None:
     )
 
 
+@needs_vllm
 def test_rain_efficiency_servers() -> None:
     args = rain_efficiency.parse_args([])
     assert args.prompts >= 5 and args.max_tokens == 32 and args.phases == ["before", "after"]
@@ -405,6 +411,7 @@ def test_each_strategy_has_its_own_prompts() -> None:
     assert prefix_cache.WARM_UP_PROMPT not in prompts
 
 
+@needs_vllm
 def test_prefix_cache_args_and_server() -> None:
     args = prefix_cache.parse_args(["--block-sizes", "32", "16"])
     assert args.block_sizes == [128, 32, 16]
@@ -519,6 +526,7 @@ def test_prefix_cache_markdown() -> None:
 # --- fair_sharing ---------------------------------------------------------------------------
 
 
+@needs_vllm
 def test_fair_sharing_servers_carry_each_policy() -> None:
     expected = {
         "fcfs": ("fcfs", 0),
