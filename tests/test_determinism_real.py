@@ -1,6 +1,6 @@
 """Reproducibility on the real engine: ``--deterministic`` keeps its promise, on both dtypes.
 
-A seeded best-of-8 request under the judge is sent ten times, five alone and five beside
+A seeded best-of-8 request under the judge is sent six times, three alone and three beside
 other traffic (plain sampled requests sharing the engine's batches), and must
 return the same text and the same rewards each time. It runs once with ``--dtype auto``
 (float32 in deterministic mode) and once with bfloat16 forced where it is native (CPUs
@@ -95,7 +95,7 @@ def test_seeded_best_of_8_under_the_judge_is_reproducible(
     client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0)
     answers = []
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for attempt in range(10):
+        for attempt in range(6):
             others = traffic(client, pool) if attempt % 2 else []
             if others:  # the probed request joins batches the engine is already running
                 wait_until_sync(lambda: engine.engine_running_requests() > 0, timeout=60)

@@ -172,10 +172,11 @@ async def test_a_near_limit_request_never_stalls_other_streams(
     # than the context. Meanwhile a token stream on the same server must keep flowing.
     huge = {"model": MODEL, "messages": [{"role": "user", "content": "lorem ipsum " * 320_000}]}
     client = openai.AsyncOpenAI(base_url=real_server.api_url, api_key="unused", max_retries=0)
+    # Longer than the refusal takes on any machine; the stream is closed once it is answered.
     stream = await client.chat.completions.create(
         model=MODEL,
         messages=QUESTION,
-        max_tokens=400,
+        max_tokens=512,
         temperature=1.0,
         stream=True,
         extra_body={"ignore_eos": True},
@@ -195,9 +196,13 @@ async def test_a_near_limit_request_never_stalls_other_streams(
         started = time.monotonic()
         response = await http.post(f"{real_server.api_url}/chat/completions", json=huge)
         refused_after = time.monotonic() - started
-    await reader
+    await asyncio.sleep(1.0)  # and a little after
+    assert not reader.done(), "the stream ended before the refusal; it measured nothing"
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    await stream.close()
     assert response.status_code == 400
     assert _error(response)["param"] == "messages"
-    assert len(gaps) > 100
+    assert len(gaps) > 10
     # Gaps are measured from the first token on; the stream must never pause > ~1 s.
     assert max(gaps[1:]) < 1.0, f"longest pause {max(gaps[1:]):.2f} s ({refused_after=:.1f} s)"

@@ -138,18 +138,29 @@ def wait_for_draining(base_url: str, timeout: float = 30) -> httpx.Response:
         time.sleep(0.05)
 
 
+def tokens_lasting(base_url: str, seconds: float) -> int:
+    """About how many tokens one request generates in ``seconds`` on this machine."""
+    chat(base_url, max_tokens=4, ignore_eos=True)  # the first call pays one-off costs
+    started = time.monotonic()
+    chat(base_url, max_tokens=32, ignore_eos=True)
+    per_token = (time.monotonic() - started) / 32
+    return int(min(max(seconds / per_token, 150), 1200))
+
+
 def test_sigterm_drains_visibly_and_lets_requests_in_flight_finish(tmp_path: Path) -> None:
     # Both requests must still run when the drain is observed, however slow the machine is
-    # between admitting them and the signal (a CI run once saw both finish first at 600 and
-    # 300 tokens): they are long, and the grace period covers them even on a CPU that serves
-    # float32 without AVX-512 (150 s once cut the stream short there).
+    # between admitting them and the signal. Fixed lengths were either too short (a CI run
+    # once saw both finish first at 600 and 300 tokens) or took minutes on a float32 CPU
+    # without AVX-512 (1200 tokens: 250 s, past a 150 s grace period); so the requests are
+    # sized to last about 30 and 15 s here, and the grace period covers them on any machine.
     with ttalign_process(tmp_path, "--shutdown-grace-seconds", "600") as server:
-        stream, streamed = stream_in_background(server.base_url, max_tokens=1200)
+        long_tokens = tokens_lasting(server.base_url, seconds=30)
+        stream, streamed = stream_in_background(server.base_url, max_tokens=long_tokens)
         assert streamed.started.wait(60) and streamed.error is None
         blocking_result: list[httpx.Response] = []
         blocking = threading.Thread(
             target=lambda: blocking_result.append(
-                chat(server.base_url, max_tokens=600, ignore_eos=True)
+                chat(server.base_url, max_tokens=long_tokens // 2, ignore_eos=True)
             )
         )
         blocking.start()
@@ -179,7 +190,7 @@ def test_sigterm_drains_visibly_and_lets_requests_in_flight_finish(tmp_path: Pat
         finish_reasons = [c["finish_reason"] for ch in streamed.chunks for c in ch["choices"]]
         assert finish_reasons[-1] == "length"
         assert blocking_result[0].status_code == 200
-        assert blocking_result[0].json()["usage"]["completion_tokens"] == 600
+        assert blocking_result[0].json()["usage"]["completion_tokens"] == long_tokens // 2
 
         server.process.wait(timeout=60)
         assert time.monotonic() - finished < 30
