@@ -69,7 +69,11 @@ POLICIES: dict[str, tuple[str, bool, int | None]] = {
     "priority+cap": ("priority", True, None),
     "gate": ("priority", False, 0),
     "gate-16": ("priority", False, 16),
+    "gate-linger": ("priority", False, 0),
 }
+#: Policy name -> ``--plain-linger-seconds`` (the others leave the gate's default of 0):
+#: longer than the probe's gap, so the probes keep the gate closed between them.
+LINGER_SECONDS: dict[str, float] = {"gate-linger": 1.0}
 #: The policy before issue 19, which RAIN's wall time is compared with.
 BASELINE_POLICY = "fcfs"
 PROBE_TOKENS = 16
@@ -277,6 +281,8 @@ def policy_flags(policy: str, cap: int) -> list[str]:
         if beside_plain is None
         else ["--fair-gate", "--search-sequences-beside-plain", str(beside_plain)]
     )
+    if policy in LINGER_SECONDS:
+        gate += ["--plain-linger-seconds", str(LINGER_SECONDS[policy])]
     return [
         "--scheduling-policy", scheduling,
         "--max-engine-calls-in-flight", str(cap if capped else 0), *gate,

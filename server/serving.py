@@ -218,7 +218,9 @@ class ChatCompletionService:
         self.tracing = tracing
         #: Holds searches' calls back while plain requests are in the engine.
         self.fair_gate = (
-            FairGate(settings.search_sequences_beside_plain) if settings.fair_gate else None
+            FairGate(settings.search_sequences_beside_plain, settings.plain_linger_seconds)
+            if settings.fair_gate
+            else None
         )
 
     # --- validation -------------------------------------------------------------------------

@@ -122,6 +122,13 @@ class ServerSettings(BaseSettings):
         description="Sequences all searches together may keep in the engine while plain "
         "requests are in it (the fair gate); at least one search call always runs.",
     )
+    plain_linger_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="How long the fair gate stays closed after the last plain request "
+        "leaves the engine, so a client's next plain request does not land among every "
+        "search call the gate held back. 0: it opens at once.",
+    )
     seed: int = Field(0, description="Engine-wide seed for requests that send none.")
     deterministic: bool = Field(
         False,

@@ -186,6 +186,33 @@ async def test_a_stream_of_plain_requests_never_starves_searches() -> None:
         await asyncio.wait_for(second, 1)
 
 
+async def test_the_gate_stays_closed_for_its_linger_after_the_last_plain_request() -> None:
+    gate = FairGate(sequences_beside_plain=0, linger_seconds=0.3)
+    async with gate.search(1):  # a search call in the engine
+        async with gate.plain():
+            pass
+        # The plain request left, but a client's next one may be a moment away.
+        second = gate.search(1)
+        waiting = asyncio.ensure_future(second.__aenter__())
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        # Nothing notifies the gate when the linger ends; it looks again by itself.
+        await asyncio.wait_for(waiting, 2)
+        assert gate.search_sequences_in_flight == 2
+        await second.__aexit__(None, None, None)
+    assert gate.search_sequences_in_flight == 0
+
+
+async def test_without_a_linger_the_gate_opens_as_the_plain_request_leaves() -> None:
+    gate = FairGate(sequences_beside_plain=0)
+    async with gate.search(1):
+        async with gate.plain():
+            waiting = asyncio.ensure_future(gate.search(1).__aenter__())
+            await asyncio.sleep(0.02)
+            assert not waiting.done()
+        await asyncio.wait_for(waiting, 0.2)
+
+
 @dataclass
 class HeldEngine(FakeEngine):
     """A fake engine whose call on the prompt ``held`` runs until :attr:`release` is set."""

@@ -541,6 +541,13 @@ def test_fair_sharing_servers_carry_each_policy() -> None:
             cap,
         )
         assert settings.max_request_candidates == fair_sharing.rain_cost.MAX_REQUEST_CANDIDATES
+        assert settings.fair_gate is False
+    lingering = serve_settings(fair_sharing.server_command("/m", 8004, "gate-linger", 4))
+    assert lingering.fair_gate and lingering.search_sequences_beside_plain == 0
+    assert lingering.plain_linger_seconds == fair_sharing.LINGER_SECONDS["gate-linger"] > 0
+    assert (
+        serve_settings(fair_sharing.server_command("/m", 8004, "gate", 4)).plain_linger_seconds == 0
+    )
 
 
 def test_the_probe_and_the_searches() -> None:
