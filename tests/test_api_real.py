@@ -364,8 +364,12 @@ async def test_limit_in_flight_gives_429_with_retry_after(
 
     # Through a gateway this polls the replicas' /metrics, which a loaded replica answers in
     # seconds; 30 s was missed twice in float32 (the fleet suite with TTALIGN_DTYPE=float32).
-    # That streams closed mid-way are aborted at once is test_disconnect_aborts_engine_work's.
-    await _wait_until(idle, timeout=60, state=unfinished)
+    # And a stream closed before its first token may run to its end on a vLLM replica (seen
+    # on a float32 AVX2 CPU: 2 of 6 kept generating for 110 s), so the wait covers 500
+    # tokens there. That streams closed mid-way are aborted at once is
+    # test_disconnect_aborts_engine_work's.
+    gateway = hasattr(real_server.app.state.engine, "pool")  # the remote engine's replicas
+    await _wait_until(idle, timeout=240 if gateway else 60, state=unfinished)
     ok = await async_client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
     assert ok.choices
 
