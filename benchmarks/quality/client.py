@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, Timeout
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,8 @@ class TtalignClient:
             base_url=root,
             api_key=api_key,
             max_retries=max_retries,
-            timeout=httpx.Timeout(timeout, connect=10.0),
+            # openai's own Timeout: openai 3.63 moved from httpx to httpx2 and refuses httpx's.
+            timeout=Timeout(timeout, connect=10.0),
         )
 
     async def model(self) -> str:
