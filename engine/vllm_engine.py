@@ -25,6 +25,7 @@ from ttalign.engine.base import (
     TemperatureHeadInfo,
     TokenLogprob,
 )
+from ttalign.engine.cpu_binding import bound_to
 from ttalign.engine.local_tokenizer import (
     SAMPLING_DEFAULT_KEYS,
     LocalTokenizer,
@@ -88,6 +89,7 @@ class VllmEngine(RendersLocally):
         log_stats: bool = True,
         block_size: int | None = None,
         scheduling_policy: str = "fcfs",
+        cpu_cores: Sequence[int] | None = None,
     ) -> VllmEngine:
         """Build the engine (this spawns vLLM's engine-core process).
 
@@ -106,6 +108,9 @@ class VllmEngine(RendersLocally):
         ``block_size`` is the KV cache's block in tokens, the unit of prefix-cache hits
         (``None``: :func:`resolve_block_size`). ``scheduling_policy`` ``priority`` makes
         vLLM run calls with a lower :attr:`SamplingSettings.priority` first.
+
+        ``cpu_cores`` binds the engine's compute threads to those CPU cores (``None``: vLLM's
+        own binding; see :mod:`ttalign.engine.cpu_binding`).
         """
         from ttalign.engine import adaptive_replicas as adaptive
         from ttalign.engine.temperature_head import HeadFileError, available_heads
@@ -158,14 +163,16 @@ class VllmEngine(RendersLocally):
             },
         )
         try:
-            llm = AsyncLLM.from_engine_args(args)
+            with bound_to(cpu_cores):
+                llm = AsyncLLM.from_engine_args(args)
             # The dtype vLLM resolved ("auto" becomes the model's own), not the setting.
             logger.info(
-                "serving %s in %s (deterministic: %s, prefix caching: %s)",
+                "serving %s in %s (deterministic: %s, prefix caching: %s, cores: %s)",
                 model_name,
                 str(getattr(llm.model_config, "dtype", served_dtype)).removeprefix("torch."),
                 "on" if deterministic else "off",
                 "on" if enable_prefix_caching else "off",
+                "vLLM's binding" if cpu_cores is None else ",".join(map(str, cpu_cores)),
             )
         except RuntimeError as exc:  # the engine core process died while starting
             message = start_failure_message(exc, kv_cache_bytes, cpu_node_memory(), model_path)

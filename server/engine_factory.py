@@ -52,6 +52,33 @@ def temperature_heads(settings: ServerSettings, model_path: str) -> dict[str, st
     return {name: str(heads[name]) for name in usable}
 
 
+def in_process_judge(settings: ServerSettings) -> bool:
+    """Whether the server runs a judge engine of its own beside an in-process policy."""
+    return (
+        settings.engine != "remote"
+        and bool(settings.judge_model)
+        and not settings.judge_engine_url_list()
+    )
+
+
+def engine_cores(settings: ServerSettings) -> tuple[list[int] | None, list[int] | None]:
+    """The CPU cores of the policy's and the judge's in-process engines (``None``: vLLM's
+    own binding): split between them when both run here on a CPU, unless the settings or
+    the user's ``VLLM_CPU_OMP_THREADS_BIND`` say otherwise."""
+    from ttalign.engine.cpu_binding import available_cores, split_cores, user_binding
+
+    if settings.engine_cores != "split" or not in_process_judge(settings):
+        return None, None
+    if user_binding() is not None:
+        return None, None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None, None
+    shares = split_cores(available_cores(), 2)
+    return (shares[0], shares[1]) if shares else (None, None)
+
+
 def build_engine(settings: ServerSettings) -> EngineClient | Awaitable[EngineClient]:
     """The configured engine: the in-process vLLM engine (which spawns vLLM's engine-core
     process), or, in remote mode, a connection to the fleet (awaited by the caller)."""
@@ -78,6 +105,7 @@ def build_engine(settings: ServerSettings) -> EngineClient | Awaitable[EngineCli
         deterministic=settings.deterministic,
         block_size=settings.block_size,
         scheduling_policy=settings.resolved_scheduling_policy(),
+        cpu_cores=engine_cores(settings)[0],
     )
 
 
@@ -107,6 +135,7 @@ def build_judge_engine(
         deterministic=settings.deterministic,
         log_stats=False,
         block_size=settings.block_size,
+        cpu_cores=engine_cores(settings)[1],
     )
 
 

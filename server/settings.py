@@ -319,6 +319,13 @@ class ServerSettings(BaseSettings):
         ByteSize(512 * 1024 * 1024),
         description="KV cache of the in-process judge engine, in bytes (e.g. 512MiB).",
     )
+    engine_cores: Literal["split", "shared"] = Field(
+        "split",
+        description="With an in-process judge engine beside the policy's, on CPU: 'split' "
+        "binds each engine's threads to cores of its own (one core stays with the server "
+        "when each engine can still have two); 'shared' leaves vLLM's binding, which puts "
+        "both engines on the same cores. A VLLM_CPU_OMP_THREADS_BIND you set wins.",
+    )
     judge_engine_urls: str | None = Field(
         None,
         description="vLLM servers of --judge-model, comma-separated: judge on this fleet "

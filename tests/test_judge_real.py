@@ -3,6 +3,9 @@ the official openai client."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -25,6 +28,44 @@ def test_the_judge_engine_brings_its_rewards(judge_server: RunningServer) -> Non
     listed = httpx.get(f"{judge_server.api_url}/rewards", timeout=30).json()
     names = {reward["name"] for reward in listed["data"]}
     assert {"judge", "judge-strong", "judge-strong-yes-no", "auto_constraints", "rules"} <= names
+
+
+def descendant_workers() -> dict[int, set[int]]:
+    """vLLM worker processes started by this test process, with the cores each may run on."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        pid = int(entry.name)
+        names[pid] = fields.get("Name", "").strip()
+        children.setdefault(int(fields.get("PPid", "0").strip()), []).append(pid)
+    workers: dict[int, set[int]] = {}
+    pending = [os.getpid()]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            pending.append(child)
+            if "Worker" in names.get(child, ""):
+                try:
+                    workers[child] = os.sched_getaffinity(child)
+                except OSError:
+                    continue
+    return workers
+
+
+def test_the_judge_engine_computes_on_cores_of_its_own(judge_server: RunningServer) -> None:
+    from ttalign.engine.cpu_binding import available_cores, split_cores, user_binding
+
+    shares = split_cores(available_cores(), 2)
+    if shares is None or user_binding() is not None:
+        pytest.skip("one core, or a binding set by the user: nothing to split")
+    # vLLM's own binding would put the judge on the policy's cores (core 0 of 2 for both).
+    assert set(shares[1]) in descendant_workers().values()
 
 
 def test_best_of_n_under_the_strong_judge_answers_and_pays_for_its_judging(

@@ -639,6 +639,39 @@ def test_paired_differences_compare_runs_prompt_by_prompt() -> None:
         compare(document, "missing", ["reward"])
 
 
+def test_paired_joins_the_runs_of_files_that_share_prompts_and_sampling(tmp_path) -> None:
+    from ttalign.benchmarks.quality.paired import join_runs, main
+
+    def document(labels: list[str], passes: list[bool], seed: int = 0) -> dict:
+        outputs = [
+            {"id": str(i), "scores": {"strict": [ok]}, "reward": None, "error": None}
+            for i, ok in enumerate(passes)
+        ]
+        return {
+            "suite": "ifeval",
+            "data_file": "d.jsonl",
+            "split": "report",
+            "sample_seed": None,
+            "settings": {"max_tokens": 128, "temperature": 0.8, "top_p": None, "seed": seed},
+            "runs": [{"label": label, "outputs": outputs} for label in labels],
+        }
+
+    old = document(["none"], [False, False, True, False])
+    new = document(["darwin"], [True, True, True, False])
+    joined = join_runs([old, new], ["old", "new"])
+    assert [run["label"] for run in joined["runs"]] == ["none", "darwin"]
+    with pytest.raises(ValueError, match="'seed'"):
+        join_runs([old, document(["darwin"], [True], seed=1)], ["old", "other"])
+    with pytest.raises(ValueError, match="'none' of again is taken"):
+        join_runs([old, document(["none"], [True])], ["old", "again"])
+    paths = []
+    for name, doc in (("old", old), ("new", new)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(doc))
+    table = main([str(paths[0]), str(paths[1]), "--against", "none", "--metric", "prompt_strict"])
+    assert "| darwin | prompt_strict | 4 | +0.500 |" in table
+
+
 def test_markdown_says_which_half_of_the_prompts_was_evaluated() -> None:
     document = {
         "suite": "ifeval",

@@ -1,4 +1,4 @@
-"""Paired differences between the runs of one result file, with bootstrap intervals.
+"""Paired differences between the runs of result files, with bootstrap intervals.
 
 Every run of a result file answered the same prompts, so two runs are best compared prompt
 by prompt: the difference of their per-prompt scores, resampled over prompts (percentile
@@ -6,6 +6,11 @@ bootstrap, seeded). An interval that excludes 0 is a difference the sample suppo
 
     python -m ttalign.benchmarks.quality.paired \\
         benchmarks/results/quality/darwin-ifeval-rules.json --against bon8
+
+Runs evaluated at different times (a new strategy beside an old baseline) are compared by
+naming several files: they must share the suite, the prompt file, the split and the
+sampling settings, and their run labels must differ; only the prompts both runs answered
+are paired.
 """
 
 from __future__ import annotations
@@ -71,6 +76,31 @@ def paired_difference(
     }
 
 
+#: What result files must agree on for their runs to be paired.
+JOINED_KEYS = ("suite", "data_file", "split", "sample_seed")
+JOINED_SETTINGS = ("max_tokens", "temperature", "top_p", "seed")
+
+
+def join_runs(documents: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict:
+    """One document holding the runs of ``documents`` (named ``names`` in messages), which
+    must be evaluations of one prompt set under the same sampling settings."""
+    first = documents[0]
+    runs: list[Mapping[str, Any]] = list(first["runs"])
+    for name, document in zip(names[1:], documents[1:], strict=True):
+        for key in JOINED_KEYS:
+            if document.get(key) != first.get(key):
+                raise ValueError(f"{name} differs from {names[0]} in {key!r}")
+        for key in JOINED_SETTINGS:
+            if document["settings"].get(key) != first["settings"].get(key):
+                raise ValueError(f"{name} differs from {names[0]} in the setting {key!r}")
+        labels = {run["label"] for run in runs}
+        for run in document["runs"]:
+            if run["label"] in labels:
+                raise ValueError(f"run label {run['label']!r} of {name} is taken already")
+            runs.append(run)
+    return {**first, "runs": runs}
+
+
 def compare(document: Mapping[str, Any], against: str, metrics: Sequence[str]) -> list[dict]:
     """Every other run of ``document`` minus the run labelled ``against``, per metric."""
     runs = {run["label"]: run for run in document["runs"]}
@@ -108,7 +138,14 @@ def main(argv: Sequence[str] | None = None) -> str:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("result", type=Path, help="a result JSON of benchmarks.evaluate")
+    parser.add_argument(
+        "results",
+        type=Path,
+        nargs="+",
+        metavar="result",
+        help="result JSON of benchmarks.evaluate; several are joined (same prompts and "
+        "sampling, distinct run labels)",
+    )
     parser.add_argument("--against", required=True, help="the label of the reference run")
     parser.add_argument(
         "--metric",
@@ -117,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         help="repeatable (default: both)",
     )
     args = parser.parse_args(argv)
-    document = json.loads(args.result.read_text())
+    documents = [json.loads(path.read_text()) for path in args.results]
+    document = join_runs(documents, [str(path) for path in args.results])
     table = markdown(
         compare(document, args.against, args.metric or ["prompt_strict", "reward"]), args.against
     )
