@@ -65,7 +65,10 @@ def test_the_judge_engine_computes_on_cores_of_its_own(judge_server: RunningServ
     if shares is None or user_binding() is not None:
         pytest.skip("one core, or a binding set by the user: nothing to split")
     # vLLM's own binding would put the judge on the policy's cores (core 0 of 2 for both).
-    assert set(shares[1]) in descendant_workers().values()
+    # vLLM pins each compute thread to one core of the list, the main one to the first.
+    judge_cores = set(shares[1])
+    workers = descendant_workers()
+    assert any(cores and cores <= judge_cores for cores in workers.values()), workers
 
 
 def test_best_of_n_under_the_strong_judge_answers_and_pays_for_its_judging(
