@@ -50,6 +50,18 @@ def test_chunks_that_overlap_or_differ_are_refused():
     other["runs"] = other["runs"][:1]
     with pytest.raises(MergeError, match="other runs"):
         merge_documents([first, other], ["a.json", "b.json"])
+    other = copy.deepcopy(second)
+    other["split"] = "tune"
+    with pytest.raises(MergeError, match="'split'"):
+        merge_documents([first, other], ["a.json", "b.json"])
+
+
+def test_merged_chunks_keep_the_half_of_the_prompts_they_came_from():
+    first, second = chunks(json.loads(WHOLE.read_text()), 30)
+    first["split"] = second["split"] = "report"
+    first["sample_seed"] = second["sample_seed"] = 7
+    merged = merge_documents([first, second], ["a.json", "b.json"])
+    assert (merged["split"], merged["sample_seed"]) == ("report", 7)
 
 
 def test_the_command_writes_the_merged_result(tmp_path):

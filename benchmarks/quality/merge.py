@@ -16,7 +16,7 @@ from ttalign.benchmarks.quality.harness import run_cost, run_metrics
 from ttalign.benchmarks.quality.suites import suites
 
 #: What the chunks of one evaluation must agree on.
-SHARED_KEYS = ("suite", "data_file", "settings", "metrics", "plot_metrics")
+SHARED_KEYS = ("suite", "data_file", "split", "sample_seed", "settings", "metrics", "plot_metrics")
 
 
 class MergeError(ValueError):
@@ -64,7 +64,7 @@ def merge_documents(documents: Sequence[Mapping[str, Any]], names: Sequence[str]
             }
         )
     return {
-        **{key: first[key] for key in SHARED_KEYS},
+        **{key: first.get(key) for key in SHARED_KEYS},
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "server": first.get("server"),
         "merged_from": [
@@ -72,7 +72,6 @@ def merge_documents(documents: Sequence[Mapping[str, Any]], names: Sequence[str]
             for name, d in zip(names, documents, strict=True)
         ],
         "limit": sum(len(d["runs"][0]["outputs"]) for d in documents) if first["runs"] else 0,
-        "sample_seed": first.get("sample_seed"),
         "offset": None,
         "runs": runs,
     }
