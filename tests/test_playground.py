@@ -394,9 +394,9 @@ def test_behind_an_api_key_the_page_asks_for_it(browser: Any, keyed_server: Runn
         page.fill("#key-input", "wrong-key")
         page.click("#key-ok")
         # A wrong key is refused by the server, and the page asks again with its message.
-        page.wait_for_function(
-            "document.querySelector('#key-message').textContent.includes('Incorrect')"
-        )
+        # A locator wait, not wait_for_function: a string predicate is eval'd in the page,
+        # which the playground's CSP (script-src 'self') rightly refuses in newer Chromium.
+        page.locator("#key-message", has_text="Incorrect").wait_for()
         page.wait_for_selector("#key-dialog[open]")
         page.fill("#key-input", API_KEY)
         page.click("#key-ok")
