@@ -12,6 +12,7 @@ what the split buys.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -101,8 +102,8 @@ def to_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines + run_footer(result))
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Any:
-    parser = argument_parser("engine_cores", __doc__)
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """The judge and the judge-heavy evaluation that each server runs."""
     parser.add_argument("--judge-model", default="Qwen2.5-Coder-1.5B-Instruct")
     parser.add_argument("--judge-kv-cache-memory", default="1GiB")
     parser.add_argument("--prompts", type=int, default=16)
@@ -111,45 +112,69 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Any:
+    parser = argument_parser("engine_cores", __doc__)
+    add_evaluation_options(parser)
     parser.add_argument("--name", default="engine_cores")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR / "engine_cores")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    model, logs = start_run("ttalign-engine-cores-")
-    evaluations = Path(tempfile.mkdtemp(prefix="ttalign-engine-cores-eval-"))
-    shares = split_cores(available_cores(), 2)
-    results: dict[str, dict[str, Any]] = {}
-    for setting in SETTINGS:
-        print(f"--engine-cores {setting}:", flush=True)
-        port = free_port()
-        extra = server_flags(args.judge_model, args.judge_kv_cache_memory, setting)
-        command = ttalign_server_command(model, port, name=MODEL_NAME, extra_args=extra)
-        with running_server(command, port, logs / f"{setting}.log", timeout=1200) as url:
-            name = f"engine-cores-{setting}"
-            subprocess.run(evaluation_command(url, args, evaluations, name), check=True)
-        results[setting] = figures(json.loads((evaluations / f"{name}.json").read_text()))
-    rate = "prompts_per_minute"
-    result = {
+def run_settings(args: Any) -> dict[str, Any]:
+    """What every server of a run was given and asked: the head of its result."""
+    return {
         "model": MODEL_NAME,
         "judge_model": args.judge_model,
         "vllm": vllm_build(),
         "cores": ",".join(map(str, available_cores())),
-        "binding": {
-            "shared": "vLLM's, both alike",
-            "split": "vLLM's"
-            if shares is None
-            else " / ".join(",".join(map(str, share)) for share in shares),
-        },
         "prompts": args.prompts,
         "split": args.split,
         "n": args.n,
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
         "seed": args.seed,
+    }
+
+
+def evaluate_on_fresh_servers(
+    args: Any, flags: Mapping[str, list[str]], model: str, logs: Path, label: str
+) -> dict[str, dict[str, Any]]:
+    """One fresh server per entry of ``flags`` (its extra ``ttalign serve`` flags), the same
+    judge-heavy evaluation on each, one after the other; each entry's :func:`figures`."""
+    evaluations = Path(tempfile.mkdtemp(prefix=f"ttalign-{label}-eval-"))
+    results: dict[str, dict[str, Any]] = {}
+    for setting, extra in flags.items():
+        print(f"{label} {setting}:", flush=True)
+        port = free_port()
+        command = ttalign_server_command(model, port, name=MODEL_NAME, extra_args=extra)
+        with running_server(command, port, logs / f"{setting}.log", timeout=1200) as url:
+            name = f"{label}-{setting}"
+            subprocess.run(evaluation_command(url, args, evaluations, name), check=True)
+        results[setting] = figures(json.loads((evaluations / f"{name}.json").read_text()))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    model, logs = start_run("ttalign-engine-cores-")
+    shares = split_cores(available_cores(), 2)
+    flags = {
+        setting: server_flags(args.judge_model, args.judge_kv_cache_memory, setting)
+        for setting in SETTINGS
+    }
+    results = evaluate_on_fresh_servers(args, flags, model, logs, "engine-cores")
+    rate = "prompts_per_minute"
+    result = {
+        **run_settings(args),
+        "binding": {
+            "shared": "vLLM's, both alike",
+            "split": "vLLM's"
+            if shares is None
+            else " / ".join(",".join(map(str, share)) for share in shares),
+        },
         "figures": results,
         "speedup": results["split"][rate] / results["shared"][rate],
         "command": command_line("engine_cores", argv),

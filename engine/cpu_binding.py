@@ -14,8 +14,10 @@ processes are spawned (they inherit the environment then; nothing else reads it 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+
+from ttalign.engine.spawn_environment import spawned_with
 
 #: vLLM's variable: ``auto``, ``nobind``, or a core list such as ``0,2-3``.
 BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
@@ -51,19 +53,7 @@ def user_binding() -> str | None:
     return None if value in ("", "auto") else value
 
 
-@contextmanager
-def bound_to(cores: Sequence[int] | None) -> Iterator[None]:
+def bound_to(cores: Sequence[int] | None) -> AbstractContextManager[None]:
     """Spawn an engine inside this block to bind its threads to ``cores`` (``None``: as
     vLLM would)."""
-    if cores is None:
-        yield
-        return
-    previous = os.environ.get(BIND_VARIABLE)
-    os.environ[BIND_VARIABLE] = ",".join(str(core) for core in cores)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(BIND_VARIABLE, None)
-        else:
-            os.environ[BIND_VARIABLE] = previous
+    return spawned_with(BIND_VARIABLE, None if cores is None else ",".join(map(str, cores)))

@@ -26,6 +26,7 @@ from ttalign.engine.base import (
     TokenLogprob,
 )
 from ttalign.engine.cpu_binding import bound_to
+from ttalign.engine.engine_spin import spinning
 from ttalign.engine.local_tokenizer import (
     SAMPLING_DEFAULT_KEYS,
     LocalTokenizer,
@@ -90,6 +91,7 @@ class VllmEngine(RendersLocally):
         block_size: int | None = None,
         scheduling_policy: str = "fcfs",
         cpu_cores: Sequence[int] | None = None,
+        spin_seconds: float | None = None,
     ) -> VllmEngine:
         """Build the engine (this spawns vLLM's engine-core process).
 
@@ -110,7 +112,9 @@ class VllmEngine(RendersLocally):
         vLLM run calls with a lower :attr:`SamplingSettings.priority` first.
 
         ``cpu_cores`` binds the engine's compute threads to those CPU cores (``None``: vLLM's
-        own binding; see :mod:`ttalign.engine.cpu_binding`).
+        own binding; see :mod:`ttalign.engine.cpu_binding`). ``spin_seconds`` caps how long
+        the engine's processes busy-wait for each other (``None``: vLLM's one second; see
+        :mod:`ttalign.engine.engine_spin`).
         """
         from ttalign.engine import adaptive_replicas as adaptive
         from ttalign.engine.temperature_head import HeadFileError, available_heads
@@ -163,7 +167,7 @@ class VllmEngine(RendersLocally):
             },
         )
         try:
-            with bound_to(cpu_cores):
+            with bound_to(cpu_cores), spinning(spin_seconds):
                 llm = AsyncLLM.from_engine_args(args)
             # The dtype vLLM resolved ("auto" becomes the model's own), not the setting.
             logger.info(

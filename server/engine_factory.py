@@ -106,6 +106,7 @@ def build_engine(settings: ServerSettings) -> EngineClient | Awaitable[EngineCli
         block_size=settings.block_size,
         scheduling_policy=settings.resolved_scheduling_policy(),
         cpu_cores=engine_cores(settings)[0],
+        spin_seconds=settings.engine_spin_seconds,
     )
 
 
@@ -136,6 +137,7 @@ def build_judge_engine(
         log_stats=False,
         block_size=settings.block_size,
         cpu_cores=engine_cores(settings)[1],
+        spin_seconds=settings.engine_spin_seconds,
     )
 
 

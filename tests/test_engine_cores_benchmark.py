@@ -42,3 +42,22 @@ def test_each_setting_is_served_and_evaluated_alike() -> None:
     command = engine_cores.evaluation_command("http://x", args, engine_cores.RESULTS_DIR, "a")
     assert command[command.index("--reward") + 1] == "judge-strong"
     assert 'bon8=best_of_n:{"n":8}' in command
+
+
+def test_the_spin_benchmark_reports_sleeping_against_vllms_spin() -> None:
+    from ttalign.benchmarks import engine_spin
+
+    spin = engine_cores.figures(evaluation(wall=90.0, tokens=900.0))
+    sleep = engine_cores.figures(evaluation(wall=60.0, tokens=900.0))
+    result = {
+        "model": "m", "judge_model": "j", "vllm": "v", "cores": "0,1", "prompts": 4,
+        "split": "tune", "n": 8, "max_tokens": 128, "concurrency": 8, "seed": 0,
+        "figures": {"spin": spin, "sleep": sleep},
+        "speedup": sleep["prompts_per_minute"] / spin["prompts_per_minute"],
+        "command": "python -m ttalign.benchmarks.engine_spin", "wall_seconds": 300.0,
+    }  # fmt: skip
+    report = engine_spin.to_markdown(result)
+    assert "| spin | 1 | 90.0 | 2.67 | 40.0 | 5.0 | 1 |" in report
+    assert "| sleep | 0 | 60.0 | 4.00 | 60.0 | 5.0 | 1 |" in report
+    assert "sleep / spin: **1.50×**" in report
+    assert engine_spin.parse_args(["--prompts", "2"]).prompts == 2

@@ -4,13 +4,13 @@ the official openai client."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from tests.conftest import TEST_JUDGE_MODEL, BorrowedEngine
+from tests.process_tree import descendants
 from tests.servers import RunningServer
 
 pytestmark = [pytest.mark.real_engine]
@@ -32,29 +32,12 @@ def test_the_judge_engine_brings_its_rewards(judge_server: RunningServer) -> Non
 
 def descendant_workers() -> dict[int, set[int]]:
     """vLLM worker processes started by this test process, with the cores each may run on."""
-    children: dict[int, list[int]] = {}
-    names: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    workers: dict[int, set[int]] = {}
+    for pid in descendants("Worker"):
         try:
-            status = (entry / "status").read_text()
+            workers[pid] = os.sched_getaffinity(pid)
         except OSError:
             continue
-        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-        pid = int(entry.name)
-        names[pid] = fields.get("Name", "").strip()
-        children.setdefault(int(fields.get("PPid", "0").strip()), []).append(pid)
-    workers: dict[int, set[int]] = {}
-    pending = [os.getpid()]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            pending.append(child)
-            if "Worker" in names.get(child, ""):
-                try:
-                    workers[child] = os.sched_getaffinity(child)
-                except OSError:
-                    continue
     return workers
 
 
