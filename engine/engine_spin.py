@@ -2,10 +2,13 @@
 
 vLLM's engine-core process and its workers hand every step over through shared-memory
 queues. A reader that has read within the last second does not sleep on the queue's
-notification socket: it spins, calling ``sched_yield`` in a loop. On a GPU server that
-saves microseconds a step. On a small CPU it burns a core: the engine core spins for as long
-as its worker computes a step, on cores that the other engine's worker or the serving
-process need (93 % of a core, measured beside a best-of-21 evaluation on 2 cores).
+notification socket: it spins, calling ``sched_yield`` in a loop, so the engine core uses
+most of a core for as long as its worker computes (95 % measured on 2 cores). Capping the
+spin frees that CPU at the price of a wake-up per hand-over. On a 2-core machine with the
+judge engine beside the policy the wake-ups cost more than the spin (a judge-heavy
+evaluation ran at 0.64x the throughput; ``benchmarks/results/engine_spin/``): a spinning
+reader yields to every runnable thread, and a sleeping one waits for a busy core. So the
+cap is off unless set, for hosts where a spinning core is a cost to others.
 
 vLLM loads this module in each of its processes as a general plugin (the
 ``vllm.general_plugins`` entry point ``ttalign_engine_spin``); :func:`register` caps the

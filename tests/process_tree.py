@@ -29,10 +29,3 @@ def descendants(name_part: str) -> list[int]:
             if name_part in names.get(child, ""):
                 found.append(child)
     return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time that process ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After the name: state is field 3, utime 14 and stime 15 (1-based, proc(5)).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from importlib.metadata import entry_points
 
 import pytest
@@ -31,7 +33,7 @@ def test_an_engine_spawns_with_the_cap_it_was_given(monkeypatch) -> None:
         assert float(os.environ[SPIN_VARIABLE]) == 0.0
     with spinning(None):
         assert SPIN_VARIABLE not in os.environ
-    assert ServerSettings(model="m").engine_spin_seconds == 0.0
+    assert ServerSettings(model="m").engine_spin_seconds is None  # vLLM's, as measured
 
 
 def test_vllm_finds_the_plugin_through_its_entry_point() -> None:
@@ -82,3 +84,23 @@ def test_a_cap_that_cannot_apply_warns_and_leaves_the_engine_running(
         register()
     assert "not applied" in caplog.text
     assert spin_condition().busy_loop_s == 1
+
+
+def test_vllms_own_plugin_loader_applies_the_cap_in_a_fresh_process() -> None:
+    pytest.importorskip("vllm")
+    probe = (
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "import zmq\n"
+        "from vllm.distributed.device_communicators.shm_broadcast import SpinCondition\n"
+        "print(SpinCondition(True, zmq.Context(), 'inproc://probe').busy_loop_s)\n"
+    )
+    for variable, expected in (("0.0", 0.0), (None, 1.0)):
+        env = {k: v for k, v in os.environ.items() if k != SPIN_VARIABLE}
+        if variable is not None:
+            env[SPIN_VARIABLE] = variable
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert float(done.stdout.strip().splitlines()[-1]) == expected
