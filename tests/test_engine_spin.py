@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from unittest.mock import MagicMock
 
 import pytest
 from ttalign.engine.engine_spin import SPIN_VARIABLE, cap_spin, register, spinning
@@ -44,20 +45,12 @@ def test_vllm_finds_the_plugin_through_its_entry_point() -> None:
 
 @pytest.fixture
 def spin_condition(monkeypatch):
-    """vLLM's shared-memory wait, restored after the test whatever the test patched."""
+    """vLLM's shared-memory wait, restored after the test whatever the test patched. Its
+    sockets are mocks: only the wait's own settings are under test."""
     shm_broadcast = pytest.importorskip("vllm.distributed.device_communicators.shm_broadcast")
-    zmq = pytest.importorskip("zmq")
     condition = shm_broadcast.SpinCondition
     monkeypatch.setattr(condition, "__init__", condition.__init__)
-    context = zmq.Context()
-    made = []
-
-    def make(is_reader: bool = True):
-        made.append(condition(is_reader, context, f"inproc://spin-{len(made)}"))
-        return made[-1]
-
-    yield make
-    context.destroy(linger=0)
+    return lambda is_reader=True: condition(is_reader, MagicMock(), "inproc://unused")
 
 
 def test_the_cap_shortens_every_reader_made_after_it(spin_condition, monkeypatch) -> None:
@@ -95,12 +88,9 @@ def test_vllms_own_plugin_loader_applies_the_cap_in_a_fresh_process() -> None:
         "from vllm.distributed.device_communicators.shm_broadcast import SpinCondition\n"
         "print(SpinCondition(True, zmq.Context(), 'inproc://probe').busy_loop_s)\n"
     )
-    for variable, expected in (("0.0", 0.0), (None, 1.0)):
-        env = {k: v for k, v in os.environ.items() if k != SPIN_VARIABLE}
-        if variable is not None:
-            env[SPIN_VARIABLE] = variable
-        done = subprocess.run(
-            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert float(done.stdout.strip().splitlines()[-1]) == expected
+    env = {**os.environ, SPIN_VARIABLE: "0.0"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) == 0.0  # vLLM's own is 1
