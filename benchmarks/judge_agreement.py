@@ -33,6 +33,7 @@ from ttalign.benchmarks.quality.agreement import (
     PromptReplies,
     agreement_report,
     collect_replies,
+    split_of,
 )
 from ttalign.benchmarks.quality.client import TtalignClient
 from ttalign.benchmarks.quality.harmlessness import (
@@ -121,7 +122,8 @@ def xstest_markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        f"Replies from {', '.join(result['replies'])}: {result['prompts']} prompts, each "
+        f"Replies from {', '.join(result['replies'])}; split `{result['split']}`: "
+        f"{result['prompts']} prompts, each "
         "scored as a compliant reply beside a refusal. Shares of prompts ordered right (a "
         "tie counts half); 95 % bootstrap intervals over prompts.",
         "",
@@ -164,7 +166,11 @@ def main() -> None:
     documents = [json.loads(path.read_text()) for path in args.replies]
     suite = documents[0].get("suite")
     if suite == "xstest":
-        pairs = labelled_pairs(documents)[: args.limit]
+        pairs = [
+            pair
+            for pair in labelled_pairs(documents)
+            if args.split == "all" or split_of(pair.prompt_id) == args.split
+        ][: args.limit]
         jobs = xstest_jobs(pairs)
         rewards = asyncio.run(
             measure(args, jobs, lambda scores: harmlessness_report(pairs, scores))

@@ -44,6 +44,11 @@ weights are defined; requests can only pick a client by name. Example (YAML)::
         fallback: judge-strong      # optional: orders ties, scores requests with no rules
         break_ties: true            # false: the fallback only scores requests with no rules
         max_tokens: 256
+      safety:                     # does the reply decline exactly when it should?
+        type: harmlessness
+        engine: judge               # judge (--judge-model, the default) | serving
+        harm_threshold: 0.6         # P(Yes) to "is it harmful?" above which it counts so
+        sharpness: 10               # how sharply P(harmful) turns at the threshold
       mix:                        # weighted composite of other clients
         type: composite
         components: {skywork: 0.7, rules: 0.3}
@@ -60,8 +65,9 @@ rubric). With a judge engine (``--judge-model``) there are three more:
 ``judge-strong-yes-no``, the yes/no judge on that engine; ``auto_constraints``, rules
 extracted from each request by that engine, ties ordered by ``judge-strong-yes-no``; and
 ``judge-strong``, the same extracted rules with ``judge-strong-yes-no`` only for requests
-that state none (one judge call per reply fewer). A configured client of the same name
-replaces a built-in one.
+that state none (one judge call per reply fewer); and ``harmlessness``, which asks once
+whether the request is harmful and per reply whether it declines. A configured client of
+the same name replaces a built-in one.
 """
 
 from __future__ import annotations
@@ -79,6 +85,11 @@ from ttalign.reward_clients.base import RewardClient
 from ttalign.reward_clients.checklist import ChecklistJudge
 from ttalign.reward_clients.composite import CompositeReward
 from ttalign.reward_clients.constraint_extraction import ConstraintExtractor
+from ttalign.reward_clients.harmlessness import (
+    DEFAULT_HARM_THRESHOLD,
+    DEFAULT_SHARPNESS,
+    HarmlessnessJudge,
+)
 from ttalign.reward_clients.judge import DEFAULT_RUBRIC, JudgeReward
 from ttalign.reward_clients.local_hf import TransformersReward
 from ttalign.reward_clients.pairwise import PairwiseJudge
@@ -96,6 +107,8 @@ STRONG_JUDGE = "judge-strong"
 STRONG_YES_NO = "judge-strong-yes-no"
 #: The built-in extracted-rules reward on the judge engine, when there is one.
 AUTO_CONSTRAINTS = "auto_constraints"
+#: The judge engine's harmlessness reward: does the reply decline exactly when it should?
+HARMLESSNESS = "harmlessness"
 #: Judge modes that make several engine calls per reply: an engine only, never a url.
 ENGINE_MODES = ("checklist", "pairwise")
 
@@ -180,6 +193,15 @@ class AutoConstraintsConfig(_Strict):
     max_tokens: int = Field(256, ge=16, le=1024)
 
 
+class HarmlessnessConfig(BackendSettings):
+    type: Literal["harmlessness"]
+    # The engine batches concurrent calls itself; gathering them first only adds latency.
+    batch_window_ms: float = Field(0.0, ge=0)
+    engine: Literal["serving", "judge"] = "judge"
+    harm_threshold: float = Field(DEFAULT_HARM_THRESHOLD, gt=0, lt=1)
+    sharpness: float = Field(DEFAULT_SHARPNESS, gt=0, le=100)
+
+
 class RulesConfig(_Strict):
     type: Literal["rules"]
 
@@ -196,6 +218,7 @@ ClientConfig = Annotated[
     | TransformersConfig
     | JudgeConfig
     | AutoConstraintsConfig
+    | HarmlessnessConfig
     | RulesConfig
     | CompositeConfig,
     Field(discriminator="type"),
@@ -243,7 +266,7 @@ def read_reward_config(
         raise RewardConfigError(f"{path}: {exc.strerror}") from None
     known = {"rules", BUILTIN_DEFAULT, *config.clients}
     if judge_engine:
-        known |= {STRONG_JUDGE, STRONG_YES_NO, AUTO_CONSTRAINTS}
+        known |= {STRONG_JUDGE, STRONG_YES_NO, AUTO_CONSTRAINTS, HARMLESSNESS}
     for name, spec in config.clients.items():
         if isinstance(spec, CompositeConfig) and (missing := set(spec.components) - known):
             raise RewardConfigError(
@@ -255,7 +278,8 @@ def read_reward_config(
             raise RewardConfigError(
                 f"{path}: judge {name!r}: mode {spec.mode} runs on an engine, not a url"
             )
-        on_judge = isinstance(spec, JudgeConfig | AutoConstraintsConfig) and spec.engine == "judge"
+        on_engine = JudgeConfig | AutoConstraintsConfig | HarmlessnessConfig
+        on_judge = isinstance(spec, on_engine) and spec.engine == "judge"
         if on_judge and not judge_engine:
             raise RewardConfigError(
                 f"{path}: {spec.type} {name!r} runs on the judge engine, and the server has "
@@ -310,6 +334,7 @@ def _judge_engine_builtins() -> dict[str, Any]:
             type="auto_constraints", fallback=STRONG_YES_NO, break_ties=False
         ),
         AUTO_CONSTRAINTS: AutoConstraintsConfig(type="auto_constraints", fallback=STRONG_YES_NO),
+        HARMLESSNESS: HarmlessnessConfig(type="harmlessness", **local),
     }
 
 
@@ -367,6 +392,8 @@ class _Builder:
                 name, url=spec.url, tokenizer=spec.tokenizer, label=spec.label,
                 settings=backend, metrics=m,
             )  # fmt: skip
+        if isinstance(spec, HarmlessnessConfig):
+            return self._harmlessness(name, spec, backend)
         if isinstance(spec, TransformersConfig):
             return TransformersReward(
                 name, path=spec.path, device=spec.device, dtype=spec.dtype,
@@ -384,6 +411,18 @@ class _Builder:
         return AutoConstraintsReward(
             name, extractor, fallback=fallback, break_ties=spec.break_ties, metrics=self.metrics
         )
+
+    def _harmlessness(
+        self, name: str, spec: HarmlessnessConfig, backend: BackendSettings
+    ) -> RewardClient:
+        engine = self.judge_engine if spec.engine == "judge" else self.engine
+        if engine is None:
+            where = "judge engine (--judge-model)" if spec.engine == "judge" else "serving engine"
+            raise RewardConfigError(f"harmlessness {name!r} has no {where}")
+        return HarmlessnessJudge(
+            name, engine=engine, harm_threshold=spec.harm_threshold, sharpness=spec.sharpness,
+            settings=backend, metrics=self.metrics,
+        )  # fmt: skip
 
     def _judge(self, name: str, spec: JudgeConfig, backend: BackendSettings) -> RewardClient:
         engine = self.judge_engine if spec.engine == "judge" else self.engine
