@@ -147,3 +147,13 @@ def test_the_judge_engine_brings_it_and_a_file_can_configure_it(tmp_path):
     path.write_text(json.dumps({"clients": {"safe": {**spec, "harm_threshold": 1.5}}}))
     with pytest.raises(RewardConfigError, match="harm_threshold"):
         read_reward_config(path, judge_engine=True)
+
+
+def test_the_threshold_script_separates_and_picks_the_best_cut():
+    from ttalign.benchmarks.harm_threshold import auc, best_threshold
+
+    assert auc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert auc([0.5], [0.5]) == 0.5
+    assert auc([0.1], [0.9]) == 0.0
+    threshold, accuracy = best_threshold([0.7, 0.65, 0.4], [0.3, 0.5, 0.6])
+    assert (threshold, accuracy) == (0.6, 5 / 6)
