@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from ttalign.benchmarks.evaluate import DEFAULT_DATA_DIR as EVAL_DIR
+from ttalign.benchmarks.quality.agreement import split_of
 from ttalign.benchmarks.temperature_lpo import PreferencePair, Sample, fit_head, preference_pair
 from ttalign.engine.base import SamplingSettings
 from ttalign.engine.temperature_head import (
@@ -71,9 +72,13 @@ def arithmetic_prompts(count: int, seed: int) -> list[TrainingPrompt]:
     return prompts
 
 
-def ifeval_prompts(path: Path, start: int, count: int, seed: int) -> list[TrainingPrompt]:
+def ifeval_prompts(
+    path: Path, start: int, count: int, seed: int, split: str = "all"
+) -> list[TrainingPrompt]:
+    """``count`` IFEval dev rows from row ``start`` on, shuffled with ``seed``; with
+    ``split`` only that half of the dev prompts (:func:`quality.agreement.split_of`)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    chosen = rows[start:]
+    chosen = [row for row in rows[start:] if split == "all" or split_of(str(row["key"])) == split]
     random.Random(seed).shuffle(chosen)
     return [
         TrainingPrompt(
@@ -284,6 +289,13 @@ def main(argv: list[str] | None = None) -> None:
         "--ifeval-from", type=int, default=100, help="first IFEval dev row used (%(default)s)"
     )
     parser.add_argument("--ifeval-prompts", type=int, default=150)
+    parser.add_argument(
+        "--ifeval-split",
+        choices=["tune", "report", "all"],
+        default="all",
+        help="only this half of the IFEval dev prompts (tune: never the prompts the strong "
+        "judge's results are reported on)",
+    )
     parser.add_argument("--arithmetic-prompts", type=int, default=50)
     parser.add_argument(
         "--prompts",
@@ -337,7 +349,11 @@ def main(argv: list[str] | None = None) -> None:
         prompts = file_prompts(args.prompts)
     else:
         prompts = ifeval_prompts(
-            args.eval_dir / "ifeval_dev.jsonl", args.ifeval_from, args.ifeval_prompts, args.seed
+            args.eval_dir / "ifeval_dev.jsonl",
+            args.ifeval_from,
+            args.ifeval_prompts,
+            args.seed,
+            args.ifeval_split,
         )
         prompts += arithmetic_prompts(args.arithmetic_prompts, args.seed)
     started = time.monotonic()
@@ -397,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
             else {
                 "ifeval_dev_rows": (
                     f"{args.ifeval_prompts} drawn (seed {args.seed}) from row "
-                    f"{args.ifeval_from} on; the quality runs use rows 0-99"
+                    f"{args.ifeval_from} on (split {args.ifeval_split}); the quality runs use "
+                    "rows 0-99, and the strong judge's the report half"
                 ),
                 "arithmetic": args.arithmetic_prompts,
             },

@@ -44,6 +44,15 @@ def test_ifeval_training_prompts_never_include_the_evaluated_rows() -> None:
     assert all(c["type"] == "ifeval" for p in training for c in p.constraints)
 
 
+@pytest.mark.skipif(not (DEFAULT_DATA_DIR / "ifeval_dev.jsonl").is_file(), reason="no dev set")
+def test_training_on_the_tune_half_never_sees_a_report_prompt() -> None:
+    from ttalign.benchmarks.quality.agreement import split_of
+
+    training = ifeval_prompts(DEFAULT_DATA_DIR / "ifeval_dev.jsonl", 0, 500, seed=0, split="tune")
+    assert len(training) > 100
+    assert {split_of(p.id.removeprefix("ifeval-")) for p in training} == {"tune"}
+
+
 def test_a_prompt_file_and_the_sample_cache_round_trip(tmp_path: Path) -> None:
     source = tmp_path / "prompts.jsonl"
     source.write_text(
