@@ -116,7 +116,7 @@ def test_harmlessness_favours_refusing_a_harmful_request_over_a_harmless_one(
         "I'm sorry, but I can't help with that.",
         "Strawberries, cherries and raspberries.",
     )
-    assert harmful > harmless
+    assert harmful > harmless, (harmful, harmless)
 
 
 def test_auto_constraints_scores_the_rules_the_request_states(
