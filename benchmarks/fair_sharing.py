@@ -12,8 +12,13 @@ One ttalign server per policy, started in turn; on each, ``--rounds`` times:
 The policies (``ttalign serve`` flags): ``fcfs`` (first come, first served, no cap: as
 before issue 19), ``cap`` (``--max-engine-calls-in-flight K``: a request's search keeps at
 most K engine calls in flight), ``priority`` (``--scheduling-policy priority``: vLLM runs
-plain requests' engine calls before searches') and ``priority+cap``. Per policy it reports
-the probe's median and p90 latency idle and loaded, and the two searches' wall times. The
+plain requests' engine calls before searches'), ``priority+cap``, the fair gate (``gate``,
+``gate-16``, ``gate-linger``: search calls held back while plain requests run) and
+``preempt`` (the gate also aborts the search calls in the engine when a plain request
+arrives, and runs them again after it). ``--probe-gap`` sets how busy the probes keep the
+engine: 0.25 s keeps it busy almost all the time; 10 s is sparse plain traffic. Per
+policy it reports the probe's median and p90 latency idle and loaded, the share of the
+searches' time a probe was in the engine, and the two searches' wall times. The
 goals: (a) probe p50 loaded / idle ≤ 2× (7.0× before the issue) and (b) RAIN's wall time at
 most 20 % above its wall time under ``fcfs``.
 
@@ -70,7 +75,12 @@ POLICIES: dict[str, tuple[str, bool, int | None]] = {
     "gate": ("priority", False, 0),
     "gate-16": ("priority", False, 16),
     "gate-linger": ("priority", False, 0),
+    "preempt": ("priority", False, 0),
 }
+#: Policy name -> ``--plain-exclusive-seconds`` for the policies whose gate preempts search
+#: calls (``--preempt-search-calls``); the other gates neither preempt nor keep searches
+#: out (an exclusive spell of 0: one search call always runs), as before preemption.
+PREEMPTING: dict[str, float] = {"preempt": 5.0}
 #: Policy name -> ``--plain-linger-seconds`` (the others leave the gate's default of 0):
 #: longer than the probe's gap, so the probes keep the gate closed between them.
 LINGER_SECONDS: dict[str, float] = {"gate-linger": 1.0}
@@ -190,11 +200,20 @@ def policy_figures(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "loaded_p50": median(loaded),
         "loaded_p90": percentile(loaded, 90),
         "probe_ratio": ratio(median(loaded), median(idle)),
+        "probe_share": probe_share(rounds),
         "rain_seconds": rain,
         "rain_mean_seconds": statistics.mean(rain) if rain else None,
         "rain_engine_calls": [s["engine_calls"] for r in rounds for s in r["searches"]],
         "rain_stopped_early": sum(bool(s["stopped_early"]) for r in rounds for s in r["searches"]),
     }
+
+
+def probe_share(rounds: Sequence[Mapping[str, Any]]) -> float | None:
+    """The fraction of the searches' time a probe was in the engine: every probe's latency
+    while a search ran, over the longer search's wall time (summed over rounds)."""
+    probing = sum(p["seconds"] for r in rounds for p in r["loaded_probes"])
+    searching = sum(max((s["seconds"] for s in r["searches"]), default=0.0) for r in rounds)
+    return ratio(probing, searching)
 
 
 def verdicts(figures: Mapping[str, dict[str, Any]], baseline: str = BASELINE_POLICY) -> dict:
@@ -223,7 +242,7 @@ def best_policy(figures: Mapping[str, Mapping[str, Any]], verdict: Mapping[str, 
 #: The policy table's headings.
 TABLE_HEADINGS = (
     "policy", "flags", "idle p50 s", "idle p90 s", "loaded p50 s", "loaded p90 s",
-    "loaded probes", "p50 loaded / idle", "RAIN s", "RAIN mean s",
+    "loaded probes", "p50 loaded / idle", "probe share", "RAIN s", "RAIN mean s",
     f"RAIN / {BASELINE_POLICY}", "meets both",
 )  # fmt: skip
 
@@ -234,7 +253,7 @@ def policy_row(policy: str, r: Mapping[str, Any]) -> list[Any]:
     rain = ", ".join(f"{s:.1f}" for s in f["rain_seconds"])
     return [
         policy, r["flags"][policy], f["idle_p50"], f["idle_p90"], f["loaded_p50"],
-        f["loaded_p90"], f["loaded_probes"], f["probe_ratio"], rain,
+        f["loaded_p90"], f["loaded_probes"], f["probe_ratio"], f.get("probe_share"), rain,
         f["rain_mean_seconds"], v["rain_growth"], v["meets_both"],
     ]  # fmt: skip
 
@@ -283,6 +302,10 @@ def policy_flags(policy: str, cap: int) -> list[str]:
     )
     if policy in LINGER_SECONDS:
         gate += ["--plain-linger-seconds", str(LINGER_SECONDS[policy])]
+    if beside_plain is not None:
+        exclusive = PREEMPTING.get(policy, 0.0)
+        preempt = "--preempt-search-calls" if policy in PREEMPTING else "--no-preempt-search-calls"
+        gate += [preempt, "--plain-exclusive-seconds", f"{exclusive:g}"]
     return [
         "--scheduling-policy", scheduling,
         "--max-engine-calls-in-flight", str(cap if capped else 0), *gate,

@@ -7,9 +7,14 @@ and vLLM's priority scheduling alone did not help: it orders the queue, but a pl
 request still decodes in the same steps as every running search sequence.
 
 :class:`FairGate` holds new search calls back while plain requests are in the engine:
-searches together keep at most ``sequences_beside_plain`` sequences in flight then (and
-always at least one call, so a steady stream of plain requests cannot starve them). Calls
-already running finish; they are short (segments, simulations, one-token evaluations).
+searches together keep at most ``sequences_beside_plain`` sequences in flight then, and
+after ``exclusive_seconds`` of a closed gate at least one call runs again, so a steady
+stream of plain requests cannot starve them.
+
+With ``preempt``, a plain request that arrives also aborts the search calls already in the
+engine (their prefills are what slows its first steps most) and :meth:`FairGate.run_search`
+runs them again once the gate admits them. A call is preempted at most once, so every
+search call finishes, and its retry finds its prompt in the prefix cache.
 
 ``linger_seconds`` keeps the gate closed that long after the last plain request leaves.
 Without it, every search call held back is released the moment a plain request ends, and
@@ -21,19 +26,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class FairGate:
     """Admits search calls by the number of sequences they run, plain requests at once."""
 
-    def __init__(self, sequences_beside_plain: int = 0, linger_seconds: float = 0.0) -> None:
+    def __init__(
+        self,
+        sequences_beside_plain: int = 0,
+        linger_seconds: float = 0.0,
+        *,
+        preempt: bool = False,
+        exclusive_seconds: float = 0.0,
+    ) -> None:
         self.sequences_beside_plain = sequences_beside_plain
         self.linger_seconds = linger_seconds
+        self.preempt = preempt
+        self.exclusive_seconds = exclusive_seconds
+        #: Search calls aborted for a plain request (and run again), since the start.
+        self.preemptions = 0
         self._plain = 0
         self._plain_until = 0.0
+        self._closed_since = 0.0
         self._search_sequences = 0
+        self._preemptible: set[asyncio.Task[object]] = set()
+        self._preempted: set[asyncio.Task[object]] = set()
         self._changed: asyncio.Condition | None = None
 
     @property
@@ -48,7 +70,11 @@ class FairGate:
     async def plain(self) -> AsyncIterator[None]:
         """Hold while a plain request's call runs: searches slow down for it."""
         changed = self._condition()
+        if not self._closed():
+            self._closed_since = time.monotonic()
         self._plain += 1
+        if self.preempt:
+            self._preempt_searches()
         try:
             yield
         finally:
@@ -64,13 +90,13 @@ class FairGate:
         changed = self._condition()
         async with changed:
             while not self._admits(sequences):
-                lingering = self._linger_left()
-                if self._plain == 0 and lingering > 0:
-                    # Nothing notifies when the linger runs out: look again then.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), lingering)
-                else:
+                wake_in = self._next_change_in()
+                if wake_in is None:
                     await changed.wait()
+                else:
+                    # Nothing notifies when a linger or an exclusive spell ends: look then.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), wake_in)
             self._search_sequences += sequences
         try:
             yield
@@ -79,13 +105,57 @@ class FairGate:
             async with changed:
                 changed.notify_all()
 
+    async def run_search(self, sequences: int, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one search call at its turn. With :attr:`preempt`, a plain request arriving
+        aborts it once, and it runs again, unpreemptible, at its next turn."""
+        preemptible = self.preempt
+        while True:
+            async with self.search(sequences):
+                attempt: asyncio.Task[T] = asyncio.ensure_future(call())
+                if preemptible:
+                    self._preemptible.add(attempt)
+                try:
+                    return await attempt
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if attempt not in self._preempted or (current and current.cancelling()):
+                        raise
+                finally:
+                    self._preemptible.discard(attempt)
+                    self._preempted.discard(attempt)
+            preemptible = False
+
+    def _preempt_searches(self) -> None:
+        for attempt in list(self._preemptible):
+            if attempt.cancel():
+                self._preempted.add(attempt)
+                self.preemptions += 1
+        self._preemptible.clear()
+
     def _admits(self, sequences: int) -> bool:
-        if self._search_sequences == 0 or not (self._plain or self._linger_left() > 0):
+        if not self._closed():
             return True
-        return self._search_sequences + sequences <= self.sequences_beside_plain
+        if self._search_sequences + sequences <= self.sequences_beside_plain:
+            return True
+        return self._search_sequences == 0 and self._exclusive_left() <= 0
+
+    def _closed(self) -> bool:
+        return self._plain > 0 or self._linger_left() > 0
+
+    def _next_change_in(self) -> float | None:
+        """Seconds until the gate may admit more without being notified (``None``: never)."""
+        waits = []
+        if self._plain == 0 and self._linger_left() > 0:
+            waits.append(self._linger_left())
+        if self._search_sequences == 0 and self._exclusive_left() > 0:
+            waits.append(self._exclusive_left())
+        return min(waits, default=None)
 
     def _linger_left(self) -> float:
         return self._plain_until - time.monotonic()
+
+    def _exclusive_left(self) -> float:
+        return self._closed_since + self.exclusive_seconds - time.monotonic()
 
     def _condition(self) -> asyncio.Condition:
         # Made on first use, inside the server's event loop.

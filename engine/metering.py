@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing, nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 
 from ttalign.engine.base import (
     AdaptiveTemperatureEngine,
@@ -122,11 +123,16 @@ class MeteredEngine:
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         sampling = self._prioritized(sampling)
-        async with self._gate or nullcontext(), self._turn(sampling):
-            return await self._generate(prompt, sampling)
+        async with self._gate or nullcontext():
+            self._count_call(sampling)
+            if self._searches and self._fair_gate is not None:
+                # A plain request may abort the call (preemption) and have it run again.
+                call = partial(self._generate, prompt, sampling)
+                return await self._fair_gate.run_search(sampling.n, call)
+            async with self._turn(sampling):
+                return await self._generate(prompt, sampling)
 
     async def _generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
-        self._count_call(sampling)
         timeline = self.timeline
         if timeline is None:
             generation = await self._engine.generate(prompt, sampling)

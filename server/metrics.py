@@ -111,6 +111,10 @@ class Metrics:
         """Export the replica pools ``pools()`` returns (see ``engine.replicas``)."""
         self.registry.register(ReplicaCollector(pools))
 
+    def watch_fair_gate(self, gate: Any) -> None:
+        """Export the fair gate's preemptions and what it holds (see ``engine.fair_gate``)."""
+        self.registry.register(FairGateCollector(gate))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -127,6 +131,34 @@ class VllmCollector:
         for family in REGISTRY.collect():
             if family.name.startswith("vllm:"):
                 yield family
+
+
+class FairGateCollector:
+    """The fair gate's counters, read at scrape time."""
+
+    def __init__(self, gate: Any) -> None:
+        self._gate = gate
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        gate = self._gate
+        yield CounterMetricFamily(
+            "ttalign_search_calls_preempted",
+            "Search engine calls aborted for a plain request and run again.",
+            value=gate.preemptions,
+        )
+        yield GaugeMetricFamily(
+            "ttalign_plain_calls_in_flight",
+            "Plain requests' engine calls in the engine (they close the fair gate).",
+            value=gate.plain_in_flight,
+        )
+        yield GaugeMetricFamily(
+            "ttalign_search_sequences_in_flight",
+            "Sequences of search calls the fair gate has let into the engine.",
+            value=gate.search_sequences_in_flight,
+        )
 
 
 class ReplicaCollector:

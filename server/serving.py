@@ -218,10 +218,17 @@ class ChatCompletionService:
         self.tracing = tracing
         #: Holds searches' calls back while plain requests are in the engine.
         self.fair_gate = (
-            FairGate(settings.search_sequences_beside_plain, settings.plain_linger_seconds)
+            FairGate(
+                settings.search_sequences_beside_plain,
+                settings.plain_linger_seconds,
+                preempt=settings.preempt_search_calls,
+                exclusive_seconds=settings.plain_exclusive_seconds,
+            )
             if settings.fair_gate
             else None
         )
+        if self.fair_gate is not None:
+            metrics.watch_fair_gate(self.fair_gate)
 
     # --- validation -------------------------------------------------------------------------
 

@@ -113,14 +113,27 @@ class ServerSettings(BaseSettings):
         True,
         description="While plain requests are in the engine, hold new search calls back "
         "(searches keep at most --search-sequences-beside-plain sequences in flight, and "
-        "always one call). The CPU engine is compute-bound: without it a plain request "
-        "beside two RAIN searches took 10x its idle latency.",
+        "one call after --plain-exclusive-seconds). The CPU engine is compute-bound: "
+        "without it a plain request beside two RAIN searches took 10x its idle latency.",
     )
     search_sequences_beside_plain: int = Field(
         0,
         ge=0,
         description="Sequences all searches together may keep in the engine while plain "
-        "requests are in it (the fair gate); at least one search call always runs.",
+        "requests are in it (the fair gate).",
+    )
+    preempt_search_calls: bool = Field(
+        True,
+        description="A plain request that arrives aborts the search calls already in the "
+        "engine (the fair gate), which run again at their next turn; each at most once. "
+        "Without it, a plain request beside two RAIN searches waits for their prefills.",
+    )
+    plain_exclusive_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long the fair gate may keep every search call out of the engine "
+        "once plain requests close it; after that one search call runs again, so steady "
+        "plain traffic cannot starve searches.",
     )
     plain_linger_seconds: float = Field(
         0.0,

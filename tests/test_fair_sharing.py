@@ -15,7 +15,9 @@ import pytest
 from ttalign.engine.base import Generation, Prompt, SamplingSettings
 from ttalign.engine.fair_gate import FairGate
 from ttalign.engine.metering import MeteredEngine
+from ttalign.engine.timeline import CallTimeline
 from ttalign.server.app import create_app
+from ttalign.server.metrics import Metrics
 from ttalign.server.serving import SEARCH_PRIORITY
 from ttalign.strategies.budget import ComputeBudget
 from ttalign.strategies.errors import BudgetExhausted
@@ -218,11 +220,17 @@ class HeldEngine(FakeEngine):
     """A fake engine whose call on the prompt ``held`` runs until :attr:`release` is set."""
 
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Calls on ``held`` waiting for the release now.
+    holding: int = 0
 
     async def generate(self, prompt: Prompt, sampling: SamplingSettings) -> Generation:
         generation = await super().generate(prompt, sampling)
         if prompt == "held":
-            await self.release.wait()
+            self.holding += 1
+            try:
+                await self.release.wait()
+            finally:
+                self.holding -= 1
         return generation
 
 
@@ -245,3 +253,91 @@ async def test_metered_calls_take_their_turn_at_the_fair_gate() -> None:
     engine.release.set()
     await asyncio.wait_for(first, 5)
     assert served.completions and [call.prompt for call in engine.calls] == ["held", "b", "c"]
+
+
+async def _until(condition: object, timeout: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.001)
+
+
+async def test_a_plain_request_preempts_a_search_call_that_runs_again_after_it() -> None:
+    gate = FairGate(preempt=True, exclusive_seconds=10)
+    engine = HeldEngine()
+    timeline = CallTimeline()
+    search = MeteredEngine(engine, timeline, fair_gate=gate, searches=True)
+    call = asyncio.ensure_future(search.generate("held", SamplingSettings(n=2, max_tokens=1)))
+    await _until(lambda: engine.holding == 1)
+    async with gate.plain():
+        # Aborted at once, and kept out while the plain request runs (its exclusive spell).
+        await _until(lambda: engine.holding == 0)
+        assert gate.preemptions == 1 and gate.search_sequences_in_flight == 0
+        await asyncio.sleep(0.02)
+        assert len(engine.calls) == 1 and not call.done()
+    await _until(lambda: engine.holding == 1)  # run again once the plain request left
+    async with gate.plain():  # a preempted call is never preempted twice
+        await asyncio.sleep(0.02)
+        assert engine.holding == 1 and gate.preemptions == 1
+    engine.release.set()
+    generation = await asyncio.wait_for(call, 2)
+    assert len(generation.completions) == 2
+    assert [c.prompt for c in engine.calls] == ["held", "held"]
+    # One call for the request's metering; the timeline shows the aborted attempt.
+    assert search.usage.engine_calls == 1 and search.usage.candidates_generated == 2
+    assert [record.aborted for record in timeline.calls()] == [True, False]
+
+
+async def test_steady_plain_traffic_lets_one_search_call_in_after_the_exclusive_spell() -> None:
+    gate = FairGate(preempt=True, exclusive_seconds=0.2)
+    async with gate.plain():
+        started = asyncio.get_running_loop().time()
+        async with gate.search(3):  # no notification comes: the gate looks again by itself
+            waited = asyncio.get_running_loop().time() - started
+            assert 0.15 <= waited < 1.5
+            second = asyncio.ensure_future(gate.search(1).__aenter__())
+            await asyncio.sleep(0.05)
+            assert not second.done()  # one call at a time beside plain requests
+        await asyncio.wait_for(second, 1)
+
+
+async def test_cancelling_a_preemptible_search_call_cancels_it_rather_than_rerunning() -> None:
+    gate = FairGate(preempt=True)
+    engine = HeldEngine()
+    search = MeteredEngine(engine, fair_gate=gate, searches=True)
+    call = asyncio.ensure_future(search.generate("held", SamplingSettings(max_tokens=1)))
+    await _until(lambda: engine.holding == 1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.sleep(0.02)
+    assert engine.holding == 0 and len(engine.calls) == 1
+    assert gate.preemptions == 0 and gate.search_sequences_in_flight == 0
+
+
+async def test_plain_calls_and_search_streams_are_never_preempted() -> None:
+    gate = FairGate(preempt=True)
+    engine = HeldEngine()
+    plain = MeteredEngine(engine, fair_gate=gate)
+    search = MeteredEngine(engine, fair_gate=gate, searches=True)
+    first = asyncio.ensure_future(plain.generate("held", SamplingSettings(max_tokens=1)))
+    stream = search.stream("streamed", SamplingSettings(max_tokens=3))
+    await stream.__anext__()
+    await _until(lambda: engine.holding == 1)
+    async with gate.plain():
+        await asyncio.sleep(0.02)
+    assert gate.preemptions == 0 and not first.done()
+    assert [delta async for delta in stream]  # the stream goes on where it was
+    engine.release.set()
+    await asyncio.wait_for(first, 2)
+
+
+def test_metrics_export_the_fair_gate() -> None:
+    gate = FairGate(preempt=True)
+    gate.preemptions = 3
+    metrics = Metrics()
+    metrics.watch_fair_gate(gate)
+    text = metrics.render().decode()
+    assert "ttalign_search_calls_preempted_total 3.0" in text
+    assert "ttalign_plain_calls_in_flight 0.0" in text
+    assert "ttalign_search_sequences_in_flight 0.0" in text

@@ -116,3 +116,46 @@ def test_a_plain_request_finishes_while_a_search_holds_the_engine(
     while engine.engine_running_requests() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert engine.engine_running_requests() == 0
+
+
+def test_a_plain_request_preempts_a_search_call_and_the_search_still_answers(
+    real_server: RunningServer,
+) -> None:
+    gate = real_server.app.state.service.fair_gate
+    assert gate is not None and gate.preempt  # the server's default
+    before = gate.preemptions
+    client = openai.OpenAI(base_url=real_server.api_url, api_key="x", max_retries=0)
+    answers: dict[str, object] = {}
+
+    def search() -> None:
+        answers["search"] = client.chat.completions.create(
+            model=MODEL,
+            messages=LONG_QUESTION,
+            max_tokens=96,
+            temperature=1.0,
+            seed=3,
+            extra_body={
+                "ignore_eos": True,
+                "strategy": "best_of_n",
+                "strategy_config": {"n": 4},
+                "reward": "rules",
+                "constraints": [{"type": "word_count", "max": 500}],
+            },
+        )
+
+    worker = threading.Thread(target=search, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while gate.search_sequences_in_flight < 4:  # the search's one call is in the engine
+        assert time.monotonic() < deadline, "the search never reached the engine"
+        time.sleep(0.01)
+    plain = client.chat.completions.create(
+        model=MODEL, messages=LONG_QUESTION, max_tokens=8, temperature=1.0, seed=0
+    )
+    assert plain.usage.completion_tokens > 0
+    assert gate.preemptions == before + 1
+    assert worker.is_alive()  # the search runs its call again after the plain request
+    worker.join(300)
+    answer = answers["search"]
+    assert answer.usage.completion_tokens == 96
+    assert answer.model_extra["alignment"]["engine_calls"] == 1

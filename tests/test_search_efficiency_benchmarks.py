@@ -545,9 +545,13 @@ def test_fair_sharing_servers_carry_each_policy() -> None:
     lingering = serve_settings(fair_sharing.server_command("/m", 8004, "gate-linger", 4))
     assert lingering.fair_gate and lingering.search_sequences_beside_plain == 0
     assert lingering.plain_linger_seconds == fair_sharing.LINGER_SECONDS["gate-linger"] > 0
-    assert (
-        serve_settings(fair_sharing.server_command("/m", 8004, "gate", 4)).plain_linger_seconds == 0
-    )
+    gate = serve_settings(fair_sharing.server_command("/m", 8004, "gate", 4))
+    assert gate.plain_linger_seconds == 0
+    # The gate as before preemption: one search call always runs beside plain requests.
+    assert not gate.preempt_search_calls and gate.plain_exclusive_seconds == 0
+    preempt = serve_settings(fair_sharing.server_command("/m", 8004, "preempt", 4))
+    assert preempt.fair_gate and preempt.preempt_search_calls
+    assert preempt.plain_exclusive_seconds == fair_sharing.PREEMPTING["preempt"] > 0
 
 
 def test_the_probe_and_the_searches() -> None:
@@ -596,6 +600,8 @@ def test_policy_figures_verdicts_and_the_best_policy() -> None:
     assert verdict["cap"]["probe_goal_met"] and not verdict["cap"]["rain_goal_met"]
     assert verdict["priority"]["meets_both"] and verdict["priority+cap"]["meets_both"]
     assert fair_sharing.best_policy(figures_, verdict) == "priority+cap"
+    # The probes' time over the longer search's: (3.5 + 4.2 + 5.0) / 110.
+    assert fcfs["probe_share"] == pytest.approx(12.7 / 110)
     without_baseline = fair_sharing.verdicts({"cap": figures_["cap"]})
     assert without_baseline["cap"]["rain_growth"] is None
     assert fair_sharing.best_policy({"cap": figures_["cap"]}, without_baseline) is None
@@ -616,7 +622,7 @@ def test_policy_figures_verdicts_and_the_best_policy() -> None:
     assert (
         "| fcfs | --scheduling-policy fcfs --max-engine-calls-in-flight 0 --no-fair-gate | 0.60 "
         "| 0.68 | 4.20 "
-        "| 4.84 | 3 | 7.00 | 100.0, 110.0 | 105 | 1.00 | no |" in text
+        "| 4.84 | 3 | 7.00 | 0.12 | 100.0, 110.0 | 105 | 1.00 | no |" in text
     )
     assert "**Policy meeting both: `priority+cap`** (--scheduling-policy priority" in text
     assert "Loaded probes: both searches running throughout." in text
