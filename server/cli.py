@@ -35,7 +35,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = (
             f"{field.description} [env {ENV_PREFIX}{name.upper()}; default: {field.default}]"
         )
-        if field.annotation is bool:
+        if field.annotation is bool or set(get_args(field.annotation)) == {bool, type(None)}:
             parser.add_argument(
                 flag(name),
                 action=argparse.BooleanOptionalAction,

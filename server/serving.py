@@ -224,7 +224,7 @@ class ChatCompletionService:
                 preempt=settings.preempt_search_calls,
                 exclusive_seconds=settings.plain_exclusive_seconds,
             )
-            if settings.fair_gate
+            if settings.resolved_fair_gate()
             else None
         )
         if self.fair_gate is not None:

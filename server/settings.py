@@ -109,12 +109,14 @@ class ServerSettings(BaseSettings):
         "its other calls wait in the server. 0: no cap (measured: a cap of 4 slowed RAIN "
         "by 22 % and helped plain requests less than the fair gate).",
     )
-    fair_gate: bool = Field(
-        True,
+    fair_gate: bool | None = Field(
+        None,
         description="While plain requests are in the engine, hold new search calls back "
         "(searches keep at most --search-sequences-beside-plain sequences in flight, and "
         "one call after --plain-exclusive-seconds). The CPU engine is compute-bound: "
-        "without it a plain request beside two RAIN searches took 10x its idle latency.",
+        "without it a plain request beside two RAIN searches took 10x its idle latency. "
+        "Unset: on in-process; off in remote mode, where one gate for the whole fleet would "
+        "hold every replica's searches back for a plain request on one replica.",
     )
     search_sequences_beside_plain: int = Field(
         0,
@@ -368,6 +370,12 @@ class ServerSettings(BaseSettings):
         if self.scheduling_policy is not None:
             return self.scheduling_policy
         return "fcfs" if self.engine == "remote" else "priority"
+
+    def resolved_fair_gate(self) -> bool:
+        """Whether the fair gate is on (see ``fair_gate``)."""
+        if self.fair_gate is not None:
+            return self.fair_gate
+        return self.engine != "remote"
 
     def engine_url_list(self) -> list[str]:
         """The remote engine's replica URLs, in order."""

@@ -17,6 +17,7 @@ from ttalign.engine.fair_gate import FairGate
 from ttalign.engine.metering import MeteredEngine
 from ttalign.engine.timeline import CallTimeline
 from ttalign.server.app import create_app
+from ttalign.server.cli import build_parser, settings_from_args
 from ttalign.server.metrics import Metrics
 from ttalign.server.serving import SEARCH_PRIORITY
 from ttalign.strategies.budget import ComputeBudget
@@ -341,3 +342,19 @@ def test_metrics_export_the_fair_gate() -> None:
     assert "ttalign_search_calls_preempted_total 3.0" in text
     assert "ttalign_plain_calls_in_flight 0.0" in text
     assert "ttalign_search_sequences_in_flight 0.0" in text
+
+
+def test_the_fair_gate_is_on_in_process_and_off_in_front_of_a_fleet_unless_set() -> None:
+    assert fake_settings().resolved_fair_gate()
+    remote = {"engine": "remote", "engine_urls": "http://127.0.0.1:9"}
+    # One gate over every replica would hold all searches back for a plain request on one.
+    assert not fake_settings(**remote).resolved_fair_gate()
+    assert fake_settings(**remote, fair_gate=True).resolved_fair_gate()
+    assert not fake_settings(fair_gate=False).resolved_fair_gate()
+
+
+def test_the_fair_gate_flags_parse_to_on_off_and_unset() -> None:
+    parser = build_parser()
+    for flags, expected in (([], None), (["--fair-gate"], True), (["--no-fair-gate"], False)):
+        args = parser.parse_args(["serve", "--model", "m", *flags])
+        assert settings_from_args(args).fair_gate is expected
