@@ -11,10 +11,11 @@ searches together keep at most ``sequences_beside_plain`` sequences in flight th
 after ``exclusive_seconds`` of a closed gate at least one call runs again, so a steady
 stream of plain requests cannot starve them.
 
-With ``preempt``, a plain request that arrives also aborts the search calls already in the
-engine (their prefills are what slows its first steps most) and :meth:`FairGate.run_search`
-runs them again once the gate admits them. A call is preempted at most once, so every
-search call finishes, and its retry finds its prompt in the prefix cache.
+With ``preempt``, a plain request that arrives also aborts the newest search calls already
+in the engine beyond ``sequences_beside_plain`` (their prefills are what slows its first
+steps most), and :meth:`FairGate.run_search` runs them again once the gate admits them. A
+call is preempted at most once, so every search call finishes, and its retry finds its
+prompt in the prefix cache.
 
 ``linger_seconds`` keeps the gate closed that long after the last plain request leaves.
 Without it, every search call held back is released the moment a plain request ends, and
@@ -54,7 +55,8 @@ class FairGate:
         self._plain_until = 0.0
         self._closed_since = 0.0
         self._search_sequences = 0
-        self._preemptible: set[asyncio.Task[object]] = set()
+        #: Calls a plain request may abort, oldest first, with their sequences.
+        self._preemptible: dict[asyncio.Task[object], int] = {}
         self._preempted: set[asyncio.Task[object]] = set()
         self._changed: asyncio.Condition | None = None
 
@@ -113,7 +115,7 @@ class FairGate:
             async with self.search(sequences):
                 attempt: asyncio.Task[T] = asyncio.ensure_future(call())
                 if preemptible:
-                    self._preemptible.add(attempt)
+                    self._preemptible[attempt] = sequences
                 try:
                     return await attempt
                 except asyncio.CancelledError:
@@ -121,16 +123,21 @@ class FairGate:
                     if attempt not in self._preempted or (current and current.cancelling()):
                         raise
                 finally:
-                    self._preemptible.discard(attempt)
+                    self._preemptible.pop(attempt, None)
                     self._preempted.discard(attempt)
             preemptible = False
 
     def _preempt_searches(self) -> None:
-        for attempt in list(self._preemptible):
+        """Abort the newest search calls until what is left fits beside plain requests."""
+        excess = self._search_sequences - self.sequences_beside_plain
+        for attempt, sequences in reversed(list(self._preemptible.items())):
+            if excess <= 0:
+                break
+            del self._preemptible[attempt]
             if attempt.cancel():
                 self._preempted.add(attempt)
                 self.preemptions += 1
-        self._preemptible.clear()
+                excess -= sequences
 
     def _admits(self, sequences: int) -> bool:
         if not self._closed():

@@ -358,3 +358,28 @@ def test_the_fair_gate_flags_parse_to_on_off_and_unset() -> None:
     for flags, expected in (([], None), (["--fair-gate"], True), (["--no-fair-gate"], False)):
         args = parser.parse_args(["serve", "--model", "m", *flags])
         assert settings_from_args(args).fair_gate is expected
+
+
+async def test_preemption_leaves_the_search_sequences_allowed_beside_plain_requests() -> None:
+    gate = FairGate(sequences_beside_plain=3, preempt=True, exclusive_seconds=10)
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def call(name: str) -> str:
+        await release.wait()
+        finished.append(name)
+        return name
+
+    calls = [
+        asyncio.ensure_future(gate.run_search(n, lambda name=name: call(name)))
+        for name, n in (("old", 2), ("new", 2))
+    ]
+    await _until(lambda: gate.search_sequences_in_flight == 4)
+    async with gate.plain():
+        # Only the newest call goes: the older one's 2 sequences fit beside the plain request.
+        await _until(lambda: gate.search_sequences_in_flight == 2)
+        assert gate.preemptions == 1
+        release.set()
+        # Once the old call ends, the new one fits beside the plain request and runs again.
+        await _until(lambda: finished == ["old", "new"])
+    assert await asyncio.gather(*calls) == ["old", "new"]
