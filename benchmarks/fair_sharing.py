@@ -76,11 +76,14 @@ POLICIES: dict[str, tuple[str, bool, int | None]] = {
     "gate-16": ("priority", False, 16),
     "gate-linger": ("priority", False, 0),
     "preempt": ("priority", False, 0),
+    "preempt-young": ("priority", False, 0),
 }
 #: Policy name -> ``--plain-exclusive-seconds`` for the policies whose gate preempts search
 #: calls (``--preempt-search-calls``); the other gates neither preempt nor keep searches
 #: out (an exclusive spell of 0: one search call always runs), as before preemption.
-PREEMPTING: dict[str, float] = {"preempt": 5.0}
+PREEMPTING: dict[str, float] = {"preempt": 5.0, "preempt-young": 5.0}
+#: Policy name -> ``--preempt-within-seconds`` (the others preempt every search call).
+PREEMPT_WITHIN: dict[str, float] = {"preempt-young": 0.5}
 #: Policy name -> ``--plain-linger-seconds`` (the others leave the gate's default of 0):
 #: longer than the probe's gap, so the probes keep the gate closed between them.
 LINGER_SECONDS: dict[str, float] = {"gate-linger": 1.0}
@@ -306,6 +309,8 @@ def policy_flags(policy: str, cap: int) -> list[str]:
         exclusive = PREEMPTING.get(policy, 0.0)
         preempt = "--preempt-search-calls" if policy in PREEMPTING else "--no-preempt-search-calls"
         gate += [preempt, "--plain-exclusive-seconds", f"{exclusive:g}"]
+        if policy in PREEMPT_WITHIN:
+            gate += ["--preempt-within-seconds", f"{PREEMPT_WITHIN[policy]:g}"]
     return [
         "--scheduling-policy", scheduling,
         "--max-engine-calls-in-flight", str(cap if capped else 0), *gate,

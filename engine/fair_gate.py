@@ -15,7 +15,8 @@ With ``preempt``, a plain request that arrives also aborts the newest search cal
 in the engine beyond ``sequences_beside_plain`` (their prefills are what slows its first
 steps most), and :meth:`FairGate.run_search` runs them again once the gate admits them. A
 call is preempted at most once, so every search call finishes, and its retry finds its
-prompt in the prefix cache.
+prompt in the prefix cache. With ``preempt_within_seconds``, only calls that started that
+recently are aborted: they are still prefilling, and an older call's decoding would be lost.
 
 ``linger_seconds`` keeps the gate closed that long after the last plain request leaves.
 Without it, every search call held back is released the moment a plain request ends, and
@@ -44,19 +45,21 @@ class FairGate:
         *,
         preempt: bool = False,
         exclusive_seconds: float = 0.0,
+        preempt_within_seconds: float = 0.0,
     ) -> None:
         self.sequences_beside_plain = sequences_beside_plain
         self.linger_seconds = linger_seconds
         self.preempt = preempt
         self.exclusive_seconds = exclusive_seconds
+        self.preempt_within_seconds = preempt_within_seconds
         #: Search calls aborted for a plain request (and run again), since the start.
         self.preemptions = 0
         self._plain = 0
         self._plain_until = 0.0
         self._closed_since = 0.0
         self._search_sequences = 0
-        #: Calls a plain request may abort, oldest first, with their sequences.
-        self._preemptible: dict[asyncio.Task[object], int] = {}
+        #: Calls a plain request may abort, oldest first: their sequences and start times.
+        self._preemptible: dict[asyncio.Task[object], tuple[int, float]] = {}
         self._preempted: set[asyncio.Task[object]] = set()
         self._changed: asyncio.Condition | None = None
 
@@ -115,7 +118,7 @@ class FairGate:
             async with self.search(sequences):
                 attempt: asyncio.Task[T] = asyncio.ensure_future(call())
                 if preemptible:
-                    self._preemptible[attempt] = sequences
+                    self._preemptible[attempt] = (sequences, time.monotonic())
                 try:
                     return await attempt
                 except asyncio.CancelledError:
@@ -130,9 +133,11 @@ class FairGate:
     def _preempt_searches(self) -> None:
         """Abort the newest search calls until what is left fits beside plain requests."""
         excess = self._search_sequences - self.sequences_beside_plain
-        for attempt, sequences in reversed(list(self._preemptible.items())):
-            if excess <= 0:
-                break
+        window = self.preempt_within_seconds
+        now = time.monotonic()
+        for attempt, (sequences, started) in reversed(list(self._preemptible.items())):
+            if excess <= 0 or (window > 0 and now - started > window):
+                break  # older calls have done work an abort would throw away
             del self._preemptible[attempt]
             if attempt.cancel():
                 self._preempted.add(attempt)

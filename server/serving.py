@@ -223,6 +223,7 @@ class ChatCompletionService:
                 settings.plain_linger_seconds,
                 preempt=settings.preempt_search_calls,
                 exclusive_seconds=settings.plain_exclusive_seconds,
+                preempt_within_seconds=settings.preempt_within_seconds,
             )
             if settings.resolved_fair_gate()
             else None

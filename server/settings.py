@@ -130,6 +130,13 @@ class ServerSettings(BaseSettings):
         "engine (the fair gate), which run again at their next turn; each at most once. "
         "Without it, a plain request beside two RAIN searches waits for their prefills.",
     )
+    preempt_within_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="A plain request preempts only the search calls that entered the engine "
+        "at most this long ago (still prefilling), and lets older ones finish beside it. "
+        "0: it preempts every search call in the engine.",
+    )
     plain_exclusive_seconds: float = Field(
         5.0,
         ge=0,

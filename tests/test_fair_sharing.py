@@ -383,3 +383,24 @@ async def test_preemption_leaves_the_search_sequences_allowed_beside_plain_reque
         # Once the old call ends, the new one fits beside the plain request and runs again.
         await _until(lambda: finished == ["old", "new"])
     assert await asyncio.gather(*calls) == ["old", "new"]
+
+
+async def test_preemption_within_a_window_spares_calls_that_have_run_longer() -> None:
+    gate = FairGate(preempt=True, exclusive_seconds=10, preempt_within_seconds=0.1)
+    release = asyncio.Event()
+
+    async def call(name: str) -> str:
+        await release.wait()
+        return name
+
+    old = asyncio.ensure_future(gate.run_search(1, lambda: call("old")))
+    await _until(lambda: gate.search_sequences_in_flight == 1)
+    await asyncio.sleep(0.2)  # decoding by now: an abort would waste it
+    new = asyncio.ensure_future(gate.run_search(1, lambda: call("new")))
+    await _until(lambda: gate.search_sequences_in_flight == 2)
+    async with gate.plain():
+        await _until(lambda: gate.search_sequences_in_flight == 1)
+        assert gate.preemptions == 1  # the young call only
+        release.set()
+        assert await asyncio.wait_for(old, 1) == "old"
+    assert await asyncio.wait_for(new, 1) == "new"

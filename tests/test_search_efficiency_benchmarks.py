@@ -552,6 +552,10 @@ def test_fair_sharing_servers_carry_each_policy() -> None:
     preempt = serve_settings(fair_sharing.server_command("/m", 8004, "preempt", 4))
     assert preempt.fair_gate and preempt.preempt_search_calls
     assert preempt.plain_exclusive_seconds == fair_sharing.PREEMPTING["preempt"] > 0
+    assert preempt.preempt_within_seconds == 0  # every search call
+    young = serve_settings(fair_sharing.server_command("/m", 8004, "preempt-young", 4))
+    assert young.preempt_search_calls
+    assert young.preempt_within_seconds == fair_sharing.PREEMPT_WITHIN["preempt-young"] > 0
 
 
 def test_the_probe_and_the_searches() -> None:
