@@ -77,13 +77,15 @@ POLICIES: dict[str, tuple[str, bool, int | None]] = {
     "gate-linger": ("priority", False, 0),
     "preempt": ("priority", False, 0),
     "preempt-young": ("priority", False, 0),
+    "preempt-1s": ("priority", False, 0),
+    "preempt-2s": ("priority", False, 0),
 }
 #: Policy name -> ``--plain-exclusive-seconds`` for the policies whose gate preempts search
 #: calls (``--preempt-search-calls``); the other gates neither preempt nor keep searches
 #: out (an exclusive spell of 0: one search call always runs), as before preemption.
-PREEMPTING: dict[str, float] = {"preempt": 5.0, "preempt-young": 5.0}
 #: Policy name -> ``--preempt-within-seconds`` (the others preempt every search call).
-PREEMPT_WITHIN: dict[str, float] = {"preempt-young": 0.5}
+PREEMPT_WITHIN: dict[str, float] = {"preempt-young": 0.5, "preempt-1s": 1.0, "preempt-2s": 2.0}
+PREEMPTING: dict[str, float] = {"preempt": 5.0, **dict.fromkeys(PREEMPT_WITHIN, 5.0)}
 #: Policy name -> ``--plain-linger-seconds`` (the others leave the gate's default of 0):
 #: longer than the probe's gap, so the probes keep the gate closed between them.
 LINGER_SECONDS: dict[str, float] = {"gate-linger": 1.0}
