@@ -12,11 +12,11 @@ after ``exclusive_seconds`` of a closed gate at least one call runs again, so a 
 stream of plain requests cannot starve them.
 
 With ``preempt``, a plain request that arrives also aborts the newest search calls already
-in the engine beyond ``sequences_beside_plain`` (their prefills are what slows its first
-steps most), and :meth:`FairGate.run_search` runs them again once the gate admits them. A
-call is preempted at most once, so every search call finishes, and its retry finds its
-prompt in the prefix cache. With ``preempt_within_seconds``, only calls that started that
-recently are aborted: they are still prefilling, and an older call's decoding would be lost.
+in the engine beyond ``sequences_beside_plain`` (they would prefill and decode in its
+steps), and :meth:`FairGate.run_search` runs them again once the gate admits them. A call
+is preempted at most once, so every search call finishes, and its retry finds its prompt in
+the prefix cache. With ``preempt_within_seconds``, only calls that started that recently
+are aborted: an older call has decoded more, and an abort throws its decoding away.
 
 ``linger_seconds`` keeps the gate closed that long after the last plain request leaves.
 Without it, every search call held back is released the moment a plain request ends, and
