@@ -128,14 +128,16 @@ class ServerSettings(BaseSettings):
         True,
         description="A plain request that arrives aborts the search calls already in the "
         "engine (the fair gate), which run again at their next turn; each at most once. "
-        "Without it, a plain request beside two RAIN searches waits for their prefills.",
+        "Measured beside two RAIN searches, plain requests 10 s apart: 1.5x their idle "
+        "latency with it, 3.3x without, and the searches took 1.5x as long.",
     )
     preempt_within_seconds: float = Field(
         0.0,
         ge=0,
         description="A plain request preempts only the search calls that entered the engine "
-        "at most this long ago (still prefilling), and lets older ones finish beside it. "
-        "0: it preempts every search call in the engine.",
+        "at most this long ago, and lets older ones, whose decoding an abort would lose, "
+        "finish beside it. 0: every search call in the engine (measured: 1 s gave plain "
+        "requests 2.5x and searches 1.16x).",
     )
     plain_exclusive_seconds: float = Field(
         5.0,
